@@ -1,0 +1,245 @@
+"""Who was running: from a sampled frame of the loop thread to a stack and the call being served.
+
+Frames are read without touching source files (no linecache I/O while holding the GIL).
+The call being served is found by walking outward to a frame whose code object is registered
+as a call frame and reading its `_lw_call` local.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import CodeType, FrameType
+from typing import Any
+
+from ._events import Frame
+
+MAX_DEPTH = 128
+CALL_LOCAL = "_lw_call"
+
+_call_codes: set[CodeType] = set()
+
+
+def register_call_frame(code: CodeType) -> None:
+    """Frames running `code` hold the call being served in their `_lw_call` local."""
+    _call_codes.add(code)
+
+
+class CallRecord:
+    """One request being served: what blame needs, and nothing computed on the hot path."""
+
+    __slots__ = ("method", "tool", "request_id", "ctx", "offloaded")
+
+    def __init__(self, method: str, tool: str | None, request_id: Any, ctx: Any) -> None:
+        self.method = method
+        self.tool = tool
+        self.request_id = request_id
+        self.ctx = ctx
+        self.offloaded = False
+
+    def session_id(self) -> str | None:
+        request = getattr(self.ctx, "request", None)
+        headers = getattr(request, "headers", None)
+        if headers is None:
+            return None
+        try:
+            return headers.get("mcp-session-id")
+        except Exception:
+            return None
+
+    def arguments(self) -> dict[str, Any] | None:
+        params = getattr(self.ctx, "params", None) or {}
+        args = params.get("arguments") if hasattr(params, "get") else None
+        return dict(args) if isinstance(args, dict) else None
+
+
+RawFrame = tuple[str, int, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One look at the loop thread: its stack outermost first, the call it serves, a module it imports."""
+
+    stack: tuple[RawFrame, ...]
+    call: CallRecord | None
+    module: str | None = None
+
+
+def sample_frame(leaf: FrameType | None) -> Sample | None:
+    """Read a frame chain (from `sys._current_frames()`) into a Sample. None when there is no frame."""
+    if leaf is None:
+        return None
+    raw: list[RawFrame] = []
+    call: CallRecord | None = None
+    module: str | None = None
+    frame: FrameType | None = leaf
+    while frame is not None and len(raw) < MAX_DEPTH:
+        code = frame.f_code
+        raw.append((code.co_filename, frame.f_lineno or 0, code.co_name))
+        if call is None and code in _call_codes:
+            call = _read_call(frame)
+        if code.co_name == "_find_and_load" and code.co_filename.startswith("<frozen importlib"):
+            module = _read_local(frame, "name") or module
+        frame = frame.f_back
+    raw.reverse()
+    return Sample(tuple(trim_to_task(raw)), call, module)
+
+
+def _read_local(frame: FrameType, name: str) -> Any:
+    try:
+        return frame.f_locals.get(name)
+    except Exception:
+        return None
+
+
+def _read_call(frame: FrameType) -> CallRecord | None:
+    value = _read_local(frame, CALL_LOCAL)
+    return value if isinstance(value, CallRecord) else None
+
+
+def _dir_of(module: Any) -> str:
+    return os.path.dirname(getattr(module, "__file__", "") or "") + os.sep
+
+
+_DISPATCH_FUNCS = {
+    "_run",
+    "_run_once",
+    "run_forever",
+    "run_until_complete",
+    "__step",
+    "__step_run_and_handle_result",
+    "unrolled_run",
+}
+
+
+def _dispatch_dirs() -> tuple[str, ...]:
+    import asyncio
+
+    dirs = [_dir_of(asyncio)]
+    for name in ("trio._core", "uvloop"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            dirs.append(_dir_of(mod))
+    return tuple(dirs)
+
+
+def is_dispatch(frame: RawFrame) -> bool:
+    file, _, func = frame
+    return func in _DISPATCH_FUNCS and file.startswith(_dispatch_dirs())
+
+
+def trim_to_task(raw: Sequence[RawFrame]) -> Sequence[RawFrame]:
+    """Drop the event loop's own frames: keep what runs inward of the innermost dispatch frame."""
+    for index in range(len(raw) - 1, -1, -1):
+        if is_dispatch(raw[index]):
+            return raw[index + 1 :] or raw
+    return raw
+
+
+_FRAMEWORK_PACKAGES = (
+    "mcp",
+    "mcp_types",
+    "fastmcp",
+    "anyio",
+    "starlette",
+    "pydantic",
+    "pydantic_core",
+    "loopwatch",
+    "trio",
+    "uvloop",
+    "sniffio",
+    "opentelemetry",
+    "uvicorn",
+    "sse_starlette",
+    "_pytest",
+    "pytest_asyncio",
+)
+
+
+def _stdlib_dirs() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    return tuple({os.path.realpath(paths[k]) + os.sep for k in ("stdlib", "platstdlib")} | {
+        paths[k] + os.sep for k in ("stdlib", "platstdlib")
+    })
+
+
+def _framework_dirs() -> tuple[str, ...]:
+    dirs = []
+    for name in _FRAMEWORK_PACKAGES:
+        mod = sys.modules.get(name)
+        if mod is not None and getattr(mod, "__file__", None):
+            dirs.append(_dir_of(mod))
+    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    return tuple(dirs + [here])
+
+
+def is_framework(file: str, _cache: dict[str, bool] = {}) -> bool:  # noqa: B006 - a deliberate memo
+    """Stdlib, the frozen import machinery, and the packages between the transport and a tool."""
+    known = _cache.get(file)
+    if known is None:
+        site = "site-packages" + os.sep in file or "dist-packages" + os.sep in file
+        stdlib = file.startswith(_stdlib_dirs()) and not site
+        known = file.startswith("<") or stdlib or file.startswith(_framework_dirs())
+        if len(_cache) < 4096:
+            _cache[file] = known
+    return known
+
+
+def culprit_frame(stack: Sequence[Frame]) -> Frame | None:
+    """The frame of the application that led to the leaf: the entry of the innermost block of app frames."""
+    import_at = _import_statement(stack)
+    if import_at is not None:
+        return import_at
+    index = len(stack) - 1
+    while index >= 0 and is_framework(stack[index].file):
+        index -= 1
+    entry = None
+    while index >= 0 and not is_framework(stack[index].file):
+        entry = stack[index]
+        index -= 1
+    return entry
+
+
+def _import_statement(stack: Sequence[Frame]) -> Frame | None:
+    """For a block inside an import, the frame that executed the `import` statement."""
+    for index, frame in enumerate(stack):
+        if frame.file.startswith("<frozen importlib") and index > 0:
+            return stack[index - 1]
+    return None
+
+
+def is_import(stack: Sequence[RawFrame]) -> bool:
+    return any(file.startswith("<frozen importlib") for file, _, _ in stack)
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """What a series of samples during one block says."""
+
+    stack: tuple[Frame, ...]
+    call: CallRecord | None
+    samples: int
+    importing: bool
+    module: str | None
+
+
+def summarize(samples: Sequence[Sample]) -> Profile:
+    """The hottest stack, and the call that held the loop in most samples (a majority, or nobody)."""
+    if not samples:
+        return Profile((), None, 0, False, None)
+    stacks = Counter(s.stack for s in samples)
+    hottest = max(stacks.items(), key=lambda item: item[1])[0]
+    calls = Counter(id(s.call) for s in samples if s.call is not None)
+    call = None
+    if calls:
+        best, count = calls.most_common(1)[0]
+        if count * 2 > len(samples):
+            call = next(s.call for s in samples if id(s.call) == best)
+    importing = sum(1 for s in samples if is_import(s.stack)) * 2 > len(samples)
+    module = next((s.module for s in reversed(samples) if s.module), None) if importing else None
+    frames = tuple(Frame(f, ln, fn) for f, ln, fn in hottest)
+    return Profile(frames, call, len(samples), importing, module)

@@ -1,0 +1,168 @@
+"""Event types and their fan-out: block events, offload decisions, JSON lines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+logger = logging.getLogger("loopwatch")
+
+BlockKind = Literal["cpu", "wait", "gil", "import", "unknown"]
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    file: str
+    line: int
+    function: str
+
+    def short(self) -> str:
+        name = self.file.rsplit("/", 1)[-1]
+        return f"{name}:{self.line} in {self.function}"
+
+
+@dataclass(frozen=True, slots=True)
+class BlockEvent:
+    """The loop did not run for `duration_s`; who was on it, and how it spent the time."""
+
+    time: float
+    duration_s: float
+    kind: BlockKind
+    tool: str | None
+    method: str | None
+    request_id: str | None
+    session_id: str | None
+    cpu_s: float
+    samples: int
+    frames: tuple[Frame, ...] = ()
+    culprit: Frame | None = None
+    module: str | None = None
+    arguments: dict[str, Any] | None = None
+    event: str = field(default="loop_blocked", init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["frames"] = [asdict(f) for f in self.frames]
+        data["culprit"] = asdict(self.culprit) if self.culprit else None
+        if self.module is None:
+            del data["module"]
+        if self.arguments is None:
+            del data["arguments"]
+        return data
+
+    def describe(self) -> str:
+        """The one log line a person reads."""
+        ms = round(self.duration_s * 1000)
+        who = "outside any call"
+        if self.kind == "gil" and self.method is None:
+            who = "by a call it could not see"
+        if self.method is not None:
+            target = f" {self.tool}" if self.tool else ""
+            rid = f" (request {self.request_id})" if self.request_id is not None else ""
+            who = f"by {self.method}{target}{rid}"
+        return f"loop blocked {ms} ms [{self.kind}] {who}{self._where()}"
+
+    def _where(self) -> str:
+        if self.kind == "gil" and not self.frames:
+            return ": no sample, a native call held the GIL for the whole block"
+        if not self.frames:
+            return ": no sample"
+        parts = _where_frames(self.frames, self.culprit)
+        text = " at " + " <- ".join(f.short() for f in parts)
+        if self.module:
+            text += f" (importing {self.module})"
+        return text
+
+
+def _where_frames(frames: tuple[Frame, ...], culprit: Frame | None) -> list[Frame]:
+    leaf = frames[-1]
+    parts = [leaf]
+    if culprit is not None and culprit != leaf:
+        parts.append(culprit)
+    return parts
+
+
+@dataclass(frozen=True, slots=True)
+class OffloadEvent:
+    """A decision about where a tool runs."""
+
+    time: float
+    tool: str
+    action: Literal["offloaded", "restored", "pinned"]
+    reason: str
+    blocks: int
+    event: str = field(default="offloaded", init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["event"] = self.action
+        return data
+
+    def describe(self) -> str:
+        return f"tool {self.tool} {self.action}: {self.reason} ({self.blocks} blocks)"
+
+
+Event = BlockEvent | OffloadEvent
+Listener = Callable[[Event], None]
+
+
+class Listeners:
+    """Fan events out to callables. One that raises is logged and dropped, never retried."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: list[Listener] = []
+
+    def add(self, listener: Listener) -> None:
+        with self._lock:
+            if listener not in self._items:
+                self._items.append(listener)
+
+    def remove(self, listener: Listener) -> None:
+        with self._lock:
+            if listener in self._items:
+                self._items.remove(listener)
+
+    def emit(self, event: Event) -> None:
+        with self._lock:
+            items = list(self._items)
+        for listener in items:
+            try:
+                listener(event)
+            except Exception:
+                logger.exception("loopwatch listener %r raised; it is removed", listener)
+                self.remove(listener)
+
+
+class JsonLinesWriter:
+    """Append each event as one JSON object per line. A write that fails is reported once, never raised."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._failed = False
+        self._lock = threading.Lock()
+        with open(path, "a", encoding="utf-8"):
+            pass  # fail now, with a clear error, if the file can't be opened at all
+
+    def __call__(self, event: Event) -> None:
+        line = json.dumps(event.to_dict(), separators=(",", ":")) + "\n"
+        with self._lock:
+            try:
+                with open(self.path, "a", encoding="utf-8") as out:
+                    out.write(line)
+            except OSError as exc:
+                if not self._failed:
+                    logger.error("loopwatch cannot write events to %s: %s (further failures are silent)", self.path, exc)
+                self._failed = True
+                return
+            if self._failed:
+                logger.warning("loopwatch writes events to %s again", self.path)
+            self._failed = False
+
+
+def log_event(event: Event) -> None:
+    logger.warning(event.describe())

@@ -1,0 +1,207 @@
+"""The monitor: sentinel, watchdog, statistics and event fan-out for one watched loop."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+
+from ._events import BlockEvent, Event, JsonLinesWriter, Listener, Listeners, log_event
+from ._options import Options
+from ._sentinel import Heartbeat, run_sentinel
+from ._stats import OTHER, StatsTable, ToolNames
+from ._watchdog import Detector, Watchdog, thread_cpu_clock, thread_sampler
+
+logger = logging.getLogger("loopwatch")
+
+LAG_BOUNDS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+class LagStats:
+    """The sentinel's lag, summarised on the watchdog thread."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+        self.max = 0.0
+        self.count = 0
+        self.total = 0.0
+        self.buckets = [0] * (len(LAG_BOUNDS) + 1)
+        self.recent: deque[float] = deque(maxlen=1024)
+
+    def add(self, lag: float) -> None:
+        self.last = lag
+        self.max = max(self.max, lag)
+        self.count += 1
+        self.total += lag
+        self.recent.append(lag)
+        for index, bound in enumerate(LAG_BOUNDS):
+            if lag <= bound:
+                self.buckets[index] += 1
+                return
+        self.buckets[-1] += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        ordered = sorted(self.recent)
+        pick = lambda q: round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))], 6) if ordered else None  # noqa: E731
+        return {
+            "last_s": round(self.last, 6),
+            "max_s": round(self.max, 6),
+            "p50_s": pick(0.5),
+            "p99_s": pick(0.99),
+            "beats": self.count,
+            "histogram": {f"le_{b}": n for b, n in zip(LAG_BOUNDS + ("inf",), self.buckets, strict=True)},
+        }
+
+
+class Monitor:
+    def __init__(self, options: Options, tools: ToolNames | None = None) -> None:
+        self.options = options
+        self.listeners = Listeners()
+        self.tools = tools or ToolNames(options.max_tools)
+        self.stats = StatsTable(max_rows=options.max_tools)
+        self.lag = LagStats()
+        self.recent: deque[Event] = deque(maxlen=options.recent_events)
+        self.lag_observers: list[Callable[[float], None]] = []
+        self.where: Callable[[str], str] = lambda tool: "loop"
+        self.started_at: float | None = None
+        self.loop_thread_id: int | None = None
+        self.backend: str | None = None
+        self._outbox: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._refs = 0
+        self._watchdog: Watchdog | None = None
+        self.heartbeat: Heartbeat | None = None
+        if options.log_blocks:
+            self.listeners.add(log_event)
+        self._writer = JsonLinesWriter(options.events) if options.events else None
+        if self._writer is not None:
+            self.listeners.add(self._writer)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return self._watchdog is not None
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Monitor]:
+        """Watch the current loop while the block runs. Nested or concurrent entries share one watch."""
+        with self._lock:
+            self._refs += 1
+            owner = self._refs == 1
+        if not owner:
+            try:
+                yield self
+            finally:
+                with self._lock:
+                    self._refs -= 1
+            return
+        try:
+            async with anyio.create_task_group() as tg:
+                heartbeat = self._start()
+                tg.start_soon(run_sentinel, heartbeat)
+                try:
+                    yield self
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            self._stop()
+            with self._lock:
+                self._refs -= 1
+
+    def _start(self) -> Heartbeat:
+        opts = self.options
+        thread_id = threading.get_ident()
+        heartbeat = Heartbeat(opts.interval, opts.threshold)
+        detector = Detector(
+            heartbeat,
+            poll_interval=opts.interval,
+            cpu_clock=thread_cpu_clock(thread_id),
+            sampler=thread_sampler(thread_id),
+            emit=self._on_block,
+            include_arguments=opts.include_arguments,
+        )
+        self.heartbeat, self.loop_thread_id = heartbeat, thread_id
+        self.backend = _backend_name()
+        self.started_at = time.time()
+        self._watchdog = Watchdog(detector, housekeeping=self.pump)
+        self._watchdog.start()
+        return heartbeat
+
+    def _stop(self) -> None:
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            watchdog.stop()
+        self.pump()
+
+    # -- events ----------------------------------------------------------------------------------
+    def add_listener(self, listener: Listener) -> None:
+        self.listeners.add(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        self.listeners.remove(listener)
+
+    def post(self, event: Event) -> None:
+        """Queue an event from any thread; it is dispatched on the watchdog thread, never on the loop."""
+        self._outbox.put(event)
+        if self._watchdog is None:
+            self.pump()
+
+    def _on_block(self, event: BlockEvent) -> None:
+        row = self.stats.tool(self.tools.label(event.tool)) if event.method == "tools/call" else None
+        if row is not None:
+            row.blocks += 1
+            row.blocked_s += event.duration_s
+        self._dispatch(event)
+
+    def _dispatch(self, event: Event) -> None:
+        self.recent.append(event)
+        self.listeners.emit(event)
+
+    def pump(self) -> None:
+        """Housekeeping on the watchdog thread: queued events out, the sentinel's lags in."""
+        while True:
+            try:
+                event = self._outbox.get_nowait()
+            except queue.Empty:
+                break
+            self._dispatch(event)
+        heartbeat = self.heartbeat
+        if heartbeat is None:
+            return
+        lags = heartbeat.lags
+        while lags:
+            lag = lags.popleft()
+            self.lag.add(lag)
+            for observe in self.lag_observers:
+                observe(lag)
+
+    # -- reading ---------------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """Plain data: per tool and per method statistics, the loop's lag, recent events."""
+        tools = {name: {**row.to_dict(), "executes": self.where(name)} for name, row in list(self.stats.tools.items())}
+        return {
+            "active": self.active,
+            "backend": self.backend,
+            "threshold_s": self.options.threshold,
+            "tools": tools,
+            "methods": {name: row.to_dict() for name, row in list(self.stats.methods.items())},
+            "lag": self.lag.to_dict(),
+            "recent_events": [e.to_dict() for e in list(self.recent)],
+            "other_label": OTHER,
+        }
+
+
+def _backend_name() -> str | None:
+    try:
+        import sniffio
+
+        return sniffio.current_async_library()
+    except Exception:
+        return None

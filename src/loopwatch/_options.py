@@ -1,0 +1,75 @@
+"""Options shared by `instrument()`, `watch()` and the command line, validated in one place."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
+
+OffloadMode = Literal["auto", "off"]
+ToolPolicy = Literal["auto", "never", "always"]
+
+
+class OptionError(ValueError):
+    """An option value loopwatch cannot use; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Options:
+    threshold: float = 0.1
+    """Seconds the loop may stall before it counts as blocked."""
+    interval: float = 0.01
+    """Seconds between sentinel beats; also the watchdog's sampling interval."""
+    offload: OffloadMode = "off"
+    events: str | None = None
+    """Path of a JSON-lines file that receives every event."""
+    log_blocks: bool = True
+    """Write one line per block to the `loopwatch` logger (stderr)."""
+    include_arguments: bool = False
+    """Put tool argument values in block events. Off by default: arguments may hold secrets."""
+    max_tools: int = 1000
+    """Distinct tool names tracked before further names count as `_OTHER`."""
+    recent_events: int = 100
+    tool_policies: dict[str, ToolPolicy] = field(default_factory=dict)
+    strikes: int = 1
+    """Blocks within `strike_window` seconds before a tool is moved off the loop."""
+    strike_window: float = 600.0
+    offload_state: str | None = None
+    offload_workers: int = 4
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_registry: Any = None
+    monitor: bool = False
+    monitor_host: str = "127.0.0.1"
+    monitor_port: int = 20101
+    monitor_console: bool = False
+    monitor_allow_remote: bool = False
+
+    def __post_init__(self) -> None:
+        _positive("threshold", self.threshold)
+        _positive("interval", self.interval)
+        _positive("strike_window", self.strike_window)
+        if self.offload not in ("auto", "off"):
+            raise OptionError(f"offload must be 'auto' or 'off', not {self.offload!r}")
+        for name in ("max_tools", "recent_events", "strikes", "offload_workers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise OptionError(f"{name} must be a positive integer, not {value!r}")
+        for tool, policy in self.tool_policies.items():
+            if policy not in ("auto", "never", "always"):
+                raise OptionError(f"policy for tool {tool!r} must be auto, never or always, not {policy!r}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise OptionError(f"metrics_port must be 0-65535, not {self.metrics_port!r}")
+
+    @classmethod
+    def build(cls, **options: Any) -> Options:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise OptionError(f"unknown option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return replace(cls(), **options) if options else cls()
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise OptionError(f"{name} must be a positive number of seconds, not {value!r}")

@@ -1,0 +1,244 @@
+"""The MCP integration: one SDK-level middleware for `Server`, `MCPServer` and `fastmcp.FastMCP`.
+
+    import loopwatch
+    loopwatch.instrument(server)          # monitoring starts with the server's loop
+
+The middleware times every request and passes everything through unchanged. Its frame holds the
+call being served in a local, which the watchdog reads to blame a block on exactly one call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from time import perf_counter
+from typing import Any
+
+from ._blame import CallRecord, register_call_frame
+from ._monitor import Monitor
+from ._options import Options
+from ._stats import OTHER, ToolNames
+
+logger = logging.getLogger("loopwatch")
+
+TOOL_NAME_MAX = 200
+_ATTR = "_loopwatch_handle"
+
+
+class LoopwatchMiddleware:
+    """`ServerMiddleware`: `(ctx, call_next) -> result`, for every request and notification."""
+
+    def __init__(self, monitor: Monitor) -> None:
+        self.monitor = monitor
+        self.stats = monitor.stats
+        self.tools = monitor.tools
+
+    async def __call__(self, ctx: Any, call_next: Callable[[Any], Any]) -> Any:
+        request_id = ctx.request_id
+        if request_id is None:
+            return await call_next(ctx)
+        method = ctx.method
+        if method == "tools/call":
+            name = ctx.params.get("name") if ctx.params else None
+            label = self.tools.label(name)
+            row = self.stats.tool(label)
+            raw = name[:TOOL_NAME_MAX] if isinstance(name, str) else None
+            _lw_call = CallRecord(method, raw, request_id, ctx)
+        else:
+            label = None
+            row = self.stats.method(method)
+            _lw_call = CallRecord(method, None, request_id, ctx)
+        row.in_flight += 1
+        start = perf_counter()
+        try:
+            result = await call_next(ctx)
+        except BaseException:
+            row.finish(perf_counter() - start, True)
+            raise
+        error = label is not None and _is_tool_error(result)
+        row.finish(perf_counter() - start, error)
+        if label is not None:
+            if label == OTHER and not error and self.tools.learns_from_success and _lw_call.tool:
+                self.tools.admit(_lw_call.tool)
+        elif method == "tools/list":
+            self.tools.admit_all(_listed_names(result))
+        return result
+
+
+register_call_frame(LoopwatchMiddleware.__call__.__code__)
+
+
+def _is_tool_error(result: Any) -> bool:
+    if isinstance(result, dict):
+        return result.get("isError") is True
+    return getattr(result, "is_error", False) is True or getattr(result, "isError", False) is True
+
+
+def _listed_names(result: Any) -> list[Any]:
+    tools = result.get("tools") if isinstance(result, dict) else getattr(result, "tools", None)
+    if not isinstance(tools, list):
+        return []
+    return [t.get("name") if isinstance(t, dict) else getattr(t, "name", None) for t in tools]
+
+
+# -- server kinds -------------------------------------------------------------------------------------
+
+
+def lowlevel_server(server: Any) -> Any:
+    """The SDK `Server` whose middleware list and lifespan every kind of server runs through."""
+    for attr in ("_lowlevel_server", "_mcp_server"):
+        inner = getattr(server, attr, None)
+        if inner is not None and hasattr(inner, "middleware"):
+            return inner
+    if hasattr(server, "middleware") and hasattr(server, "lifespan") and hasattr(server, "run"):
+        return server
+    raise TypeError(
+        f"loopwatch cannot instrument {type(server).__module__}.{type(server).__qualname__}: "
+        "expected an mcp Server, an MCPServer or a fastmcp.FastMCP (mcp>=2.2)"
+    )
+
+
+def server_kind(server: Any) -> str:
+    if hasattr(server, "_lowlevel_server"):
+        return "mcpserver"
+    if hasattr(server, "_mcp_server"):
+        return "fastmcp"
+    return "lowlevel"
+
+
+def _registry(server: Any) -> tuple[Callable[[str], bool] | None, Callable[[str], str]]:
+    kind = server_kind(server)
+    if kind == "mcpserver":
+        manager = server._tool_manager
+
+        def where_mcp(name: str) -> str:
+            tool = manager.get_tool(name)
+            return "thread" if tool is not None and not tool.is_async else "loop"
+
+        return (lambda name: manager.get_tool(name) is not None), where_mcp
+    if kind == "fastmcp":
+        return _fastmcp_tool_is_registered(server), _fastmcp_where(server)
+    return None, lambda name: "loop"
+
+
+def _fastmcp_tools(server: Any) -> list[Any]:
+    provider = getattr(server, "_local_provider", None)
+    components = getattr(provider, "_components", None)
+    if not isinstance(components, dict):
+        return []
+    return [c for c in list(components.values()) if type(c).__name__.endswith("Tool")]
+
+
+def _fastmcp_tool_is_registered(server: Any) -> Callable[[str], bool]:
+    def registered(name: str) -> bool:
+        return any(getattr(t, "name", None) == name for t in _fastmcp_tools(server))
+
+    return registered
+
+
+def _fastmcp_where(server: Any) -> Callable[[str], str]:
+    import inspect
+
+    def where(name: str) -> str:
+        for tool in _fastmcp_tools(server):
+            if getattr(tool, "name", None) == name:
+                fn = getattr(tool, "fn", None)
+                sync = fn is not None and not inspect.iscoroutinefunction(fn)
+                return "thread" if sync and getattr(tool, "run_in_thread", True) else "loop"
+        return "loop"
+
+    return where
+
+
+# -- the handle ---------------------------------------------------------------------------------------
+
+
+class Handle:
+    """What `instrument()` returns: read the numbers, listen to events, undo it."""
+
+    def __init__(self, server: Any, lowlevel: Any, monitor: Monitor) -> None:
+        self.server = server
+        self.monitor = monitor
+        self.middleware = LoopwatchMiddleware(monitor)
+        self._lowlevel = lowlevel
+        self._original_lifespan = lowlevel.lifespan
+        self.extensions: list[Any] = []
+
+    @property
+    def options(self) -> Options:
+        return self.monitor.options
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.monitor.snapshot()
+
+    def add_listener(self, listener: Callable[[Any], None]) -> None:
+        self.monitor.add_listener(listener)
+
+    def remove_listener(self, listener: Callable[[Any], None]) -> None:
+        self.monitor.remove_listener(listener)
+
+    def _install(self) -> None:
+        chain = self._lowlevel.middleware
+        chain.insert(_position(chain), self.middleware)
+        original, monitor = self._original_lifespan, self.monitor
+
+        def lifespan(server: Any) -> Any:
+            return _monitored(monitor, original(server))
+
+        lifespan._loopwatch_original = original  # type: ignore[attr-defined]
+        self._lowlevel.lifespan = lifespan
+        setattr(self._lowlevel, _ATTR, self)
+
+    def uninstrument(self) -> None:
+        """Remove the middleware and the lifespan hook. Safe to call twice."""
+        chain = self._lowlevel.middleware
+        if self.middleware in chain:
+            chain.remove(self.middleware)
+        if getattr(self._lowlevel.lifespan, "_loopwatch_original", None) is self._original_lifespan:
+            self._lowlevel.lifespan = self._original_lifespan
+        if getattr(self._lowlevel, _ATTR, None) is self:
+            delattr(self._lowlevel, _ATTR)
+        for extension in reversed(self.extensions):
+            close = getattr(extension, "close", None)
+            if close is not None:
+                close()
+        self.extensions.clear()
+
+
+def _position(chain: list[Any]) -> int:
+    """Inside the SDK's OpenTelemetry middleware (so its span is current), outside everything else."""
+    for index, middleware in enumerate(chain):
+        if type(middleware).__name__ == "OpenTelemetryMiddleware":
+            return index + 1
+    return 0
+
+
+@asynccontextmanager
+async def _monitored(monitor: Monitor, inner: Any) -> AsyncIterator[Any]:
+    async with monitor.running(), inner as state:
+        yield state
+
+
+def instrument(server: Any, **options: Any) -> Handle:
+    """Watch `server`'s event loop whenever it runs. Returns a handle; calling again returns the same one."""
+    lowlevel = lowlevel_server(server)
+    existing = getattr(lowlevel, _ATTR, None)
+    if existing is not None:
+        if options and Options.build(**options) != existing.options:
+            logger.warning("loopwatch: server already instrumented; the new options are ignored")
+        return existing
+    opts = Options.build(**options)
+    registry, where = _registry(server)
+    monitor = Monitor(opts, ToolNames(opts.max_tools, registry))
+    monitor.where = where
+    handle = Handle(server, lowlevel, monitor)
+    handle._install()
+    from ._extensions import install_extensions
+
+    install_extensions(handle)
+    return handle
+
+
+def handle_of(server: Any) -> Handle | None:
+    return getattr(lowlevel_server(server), _ATTR, None)

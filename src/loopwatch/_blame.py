@@ -32,14 +32,26 @@ def register_call_frame(code: CodeType) -> None:
 class CallRecord:
     """One request being served: what blame needs, and nothing computed on the hot path."""
 
-    __slots__ = ("method", "tool", "request_id", "ctx", "offloaded")
+    __slots__ = ("method", "tool", "label", "request_id", "ctx", "started", "blocked_s", "execution", "span")
 
-    def __init__(self, method: str, tool: str | None, request_id: Any, ctx: Any) -> None:
+    def __init__(self, method: str, tool: str | None, request_id: Any, ctx: Any, label: str = "") -> None:
         self.method = method
         self.tool = tool
+        """The tool name the client sent (truncated), for reports."""
+        self.label = label
+        """The bounded label for metrics: a registered tool name, `_OTHER`, or "" outside tools/call."""
         self.request_id = request_id
         self.ctx = ctx
-        self.offloaded = False
+        self.started = 0.0
+        self.blocked_s = 0.0
+        """Loop time this call blocked, added by the watchdog thread as blocks are found."""
+        self.execution = "loop"
+        self.span: Any = None
+        """Slot for an integration (OpenTelemetry keeps the request's span here)."""
+
+    def transport(self) -> str:
+        """`pipe` for stdio and in-memory, `tcp` when an HTTP request carried the call."""
+        return "pipe" if getattr(self.ctx, "request", None) is None else "tcp"
 
     def session_id(self) -> str | None:
         request = getattr(self.ctx, "request", None)

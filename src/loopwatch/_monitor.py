@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio
 
+from ._blame import CallRecord
 from ._events import BlockEvent, Event, JsonLinesWriter, Listener, Listeners, log_event
 from ._options import Options
 from ._sentinel import Heartbeat, run_sentinel
@@ -69,6 +70,9 @@ class Monitor:
         self.lag = LagStats()
         self.recent: deque[Event] = deque(maxlen=options.recent_events)
         self.lag_observers: list[Callable[[float], None]] = []
+        """Called on the watchdog thread with each lag the sentinel measured."""
+        self.block_hooks: list[Callable[[BlockEvent, CallRecord | None], None]] = []
+        """Called on the watchdog thread with each block and the call it is blamed on."""
         self.where: Callable[[str], str] = lambda tool: "loop"
         self.started_at: float | None = None
         self.loop_thread_id: int | None = None
@@ -153,11 +157,19 @@ class Monitor:
         if self._watchdog is None:
             self.pump()
 
-    def _on_block(self, event: BlockEvent) -> None:
-        row = self.stats.tool(self.tools.label(event.tool)) if event.method == "tools/call" else None
+    def _on_block(self, event: BlockEvent, call: CallRecord | None = None) -> None:
+        if call is not None:
+            call.blocked_s += event.duration_s
+        row = self.stats.tool(call.label if call else OTHER) if event.method == "tools/call" else None
         if row is not None:
             row.blocks += 1
             row.blocked_s += event.duration_s
+        for hook in list(self.block_hooks):
+            try:
+                hook(event, call)
+            except Exception:
+                logger.exception("loopwatch block hook %r raised; it is removed", hook)
+                self.block_hooks.remove(hook)
         self._dispatch(event)
 
     def _dispatch(self, event: Event) -> None:

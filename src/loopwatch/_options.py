@@ -36,9 +36,16 @@ class Options:
     strike_window: float = 600.0
     offload_state: str | None = None
     offload_workers: int = 4
+    metrics: bool | None = None
+    """Export Prometheus metrics. None: on when a port, path or registry is given."""
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    metrics_path: str | None = None
+    """Serve /metrics on the server's own HTTP app (`loopwatch run` with an HTTP transport)."""
     metrics_registry: Any = None
+    traces: bool = True
+    """Enrich OpenTelemetry spans when opentelemetry is installed."""
+    tracer_provider: Any = None
     monitor: bool = False
     monitor_host: str = "127.0.0.1"
     monitor_port: int = 20101

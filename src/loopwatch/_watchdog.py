@@ -76,7 +76,7 @@ class Detector:
         wall: Clock = time.time,
         cpu_clock: CpuClock = lambda: None,
         sampler: Sampler = lambda: None,
-        emit: Callable[[BlockEvent], None] = lambda e: None,
+        emit: Callable[[BlockEvent, CallRecord | None], None] = lambda e, c: None,
         include_arguments: bool = False,
     ) -> None:
         self.hb = heartbeat
@@ -130,9 +130,10 @@ class Detector:
             # and only when the watchdog saw it on the loop before the GIL was taken.
             calls = {id(c): c for c in block.honest_calls}
             call = next(iter(calls.values())) if len(calls) == 1 else None
-            self.emit(self._event(kind, lag, cpu_s, now, end, (), call, block.taken, None))
+            self.emit(self._event(kind, lag, cpu_s, now, end, (), call, block.taken, None), call)
             return
-        self.emit(self._event(kind, lag, cpu_s, now, end, profile.stack, profile.call, block.taken, profile.module))
+        call = profile.call
+        self.emit(self._event(kind, lag, cpu_s, now, end, profile.stack, call, block.taken, profile.module), call)
 
     def _cpu_before(self, end_count: int) -> float | None:
         """The loop thread's CPU time at the last beat before the block (the first one seen, if none)."""

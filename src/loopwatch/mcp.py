@@ -13,7 +13,9 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from time import perf_counter
-from typing import Any
+from typing import Any, Protocol
+
+import anyio
 
 from ._blame import CallRecord, register_call_frame
 from ._monitor import Monitor
@@ -26,6 +28,14 @@ TOOL_NAME_MAX = 200
 _ATTR = "_loopwatch_handle"
 
 
+class CallHook(Protocol):
+    """What an integration sees of each request, on the loop: keep both methods cheap."""
+
+    def start(self, call: CallRecord) -> None: ...
+
+    def end(self, call: CallRecord, duration: float, error_type: str | None) -> None: ...
+
+
 class LoopwatchMiddleware:
     """`ServerMiddleware`: `(ctx, call_next) -> result`, for every request and notification."""
 
@@ -33,6 +43,7 @@ class LoopwatchMiddleware:
         self.monitor = monitor
         self.stats = monitor.stats
         self.tools = monitor.tools
+        self.hooks: tuple[CallHook, ...] = ()
 
     async def __call__(self, ctx: Any, call_next: Callable[[Any], Any]) -> Any:
         request_id = ctx.request_id
@@ -44,26 +55,54 @@ class LoopwatchMiddleware:
             label = self.tools.label(name)
             row = self.stats.tool(label)
             raw = name[:TOOL_NAME_MAX] if isinstance(name, str) else None
-            _lw_call = CallRecord(method, raw, request_id, ctx)
+            _lw_call = CallRecord(method, raw, request_id, ctx, label)
         else:
-            label = None
+            label = ""
             row = self.stats.method(method)
             _lw_call = CallRecord(method, None, request_id, ctx)
+        hooks = self.hooks
+        for hook in hooks:
+            hook.start(_lw_call)
         row.in_flight += 1
-        start = perf_counter()
+        _lw_call.started = start = perf_counter()
         try:
             result = await call_next(ctx)
-        except BaseException:
-            row.finish(perf_counter() - start, True)
+        except BaseException as exc:
+            duration = perf_counter() - start
+            row.finish(duration, True)
+            for hook in hooks:
+                hook.end(_lw_call, duration, error_type(exc))
             raise
-        error = label is not None and _is_tool_error(result)
-        row.finish(perf_counter() - start, error)
-        if label is not None:
+        duration = perf_counter() - start
+        error = bool(label) and _is_tool_error(result)
+        row.finish(duration, error)
+        for hook in hooks:
+            hook.end(_lw_call, duration, "tool_error" if error else None)
+        if label:
             if label == OTHER and not error and self.tools.learns_from_success and _lw_call.tool:
                 self.tools.admit(_lw_call.tool)
         elif method == "tools/list":
             self.tools.admit_all(_listed_names(result))
         return result
+
+    def add_hook(self, hook: CallHook) -> None:
+        self.hooks = (*self.hooks, hook)
+
+    def remove_hook(self, hook: CallHook) -> None:
+        self.hooks = tuple(h for h in self.hooks if h is not hook)
+
+
+def error_type(exc: BaseException) -> str:
+    """The OpenTelemetry `error.type`: the JSON-RPC code as a string, or the exception's name."""
+    error = getattr(exc, "error", None)
+    code = getattr(error, "code", None)
+    if isinstance(code, int):
+        return str(code)
+    if type(exc).__name__ == "ValidationError":
+        return "-32602"
+    if isinstance(exc, anyio.get_cancelled_exc_class()):
+        return "cancelled"
+    return type(exc).__qualname__
 
 
 register_call_frame(LoopwatchMiddleware.__call__.__code__)
@@ -164,6 +203,8 @@ class Handle:
         self._lowlevel = lowlevel
         self._original_lifespan = lowlevel.lifespan
         self.extensions: list[Any] = []
+        self.routes: list[Any] = []
+        """Starlette routes an integration adds to the server's own HTTP app (`loopwatch run`)."""
 
     @property
     def options(self) -> Options:

@@ -1,0 +1,184 @@
+"""Load the server a user points `loopwatch run` at, and run it on the transport asked for."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+DEFAULT_NAMES = ("mcp", "server", "app")
+
+
+class TargetError(Exception):
+    """The target can't be used; the message is the one line a user sees."""
+
+
+def split_target(target: str) -> tuple[str, str | None]:
+    base, sep, obj = target.rpartition(":")
+    if sep and obj.isidentifier() and base and not (len(base) == 1 and base.isalpha()):
+        return base, obj
+    return target, None
+
+
+def load_target(target: str) -> Any:
+    """Import `path/to/server.py[:object]` or `package.module[:object]` and return the server object."""
+    where, obj = split_target(target)
+    module = _import(where)
+    names = (obj,) if obj else DEFAULT_NAMES
+    for name in names:
+        found = _find_server(module, name)
+        if found is not None:
+            return found
+    tried = ", ".join(names)
+    raise TargetError(f"no MCP server object in {where}: tried {tried}")
+
+
+def _import(where: str) -> Any:
+    if where.endswith(".py") or os.sep in where or "/" in where:
+        return _import_file(Path(where))
+    try:
+        with _stdout_to_stderr():
+            return importlib.import_module(where)
+    except ModuleNotFoundError as exc:
+        if exc.name == where or where.startswith(f"{exc.name}."):
+            raise TargetError(f"cannot import {where}: no such module (and it is not a .py file)") from exc
+        raise TargetError(f"cannot import {where}: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:
+        raise TargetError(f"cannot import {where}: {type(exc).__name__}: {exc}") from exc
+
+
+def _import_file(path: Path) -> Any:
+    if not path.is_file():
+        raise TargetError(f"cannot load {path}: no such file")
+    path = path.resolve()
+    folder = str(path.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)  # as when Python runs the file
+    name = path.stem if path.stem not in sys.modules and path.stem.isidentifier() else "_loopwatch_target"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise TargetError(f"cannot load {path}: not a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        with _stdout_to_stderr():
+            spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        raise TargetError(f"cannot import {path}: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """While the target imports, whatever it prints goes to stderr: stdout may be the protocol's."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def is_server(obj: Any) -> bool:
+    from .mcp import lowlevel_server
+
+    try:
+        lowlevel_server(obj)
+    except TypeError:
+        return False
+    return not inspect.isclass(obj)
+
+
+def _find_server(module: Any, name: str) -> Any:
+    obj = getattr(module, name, None)
+    if obj is None:
+        return None
+    if is_server(obj):
+        return obj
+    if callable(obj) and not inspect.isclass(obj) and not inspect.iscoroutinefunction(obj):
+        try:
+            made = obj() if not _required_params(obj) else None
+        except Exception as exc:
+            raise TargetError(f"{name}() raised {type(exc).__name__}: {exc}") from exc
+        if made is not None and is_server(made):
+            return made
+    return None
+
+
+def _required_params(fn: Any) -> list[str]:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return ["?"]
+    return [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+# -- running ------------------------------------------------------------------------------------------
+
+
+async def serve(server: Any, transport: str, host: str, port: int, extra_routes: list[Any] | None = None) -> None:
+    from .mcp import server_kind
+
+    if transport == "stdio":
+        await _serve_stdio(server, server_kind(server))
+        return
+    app = http_app(server, transport, host)
+    for route in extra_routes or ():
+        app.router.routes.append(route)
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+    await uvicorn.Server(config).serve()
+
+
+async def _serve_stdio(server: Any, kind: str) -> None:
+    if kind == "fastmcp":
+        await server.run_stdio_async(show_banner=False)
+    elif kind == "mcpserver":
+        await server.run_stdio_async()
+    else:
+        from mcp.server.stdio import stdio_server
+
+        async with stdio_server() as (read, write):
+            await server.run(read, write, server.create_initialization_options())
+
+
+def http_app(server: Any, transport: str, host: str) -> Any:
+    from .mcp import server_kind
+
+    kind = server_kind(server)
+    if kind == "fastmcp":
+        return server.http_app(transport="http" if transport == "streamable-http" else "sse")
+    if transport == "streamable-http":
+        return server.streamable_http_app(host=host)
+    if kind == "mcpserver":
+        return server.sse_app(host=host)
+    return _lowlevel_sse_app(server)
+
+
+def _lowlevel_sse_app(server: Any) -> Any:
+    from mcp.server.sse import SseServerTransport
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Mount, Route
+
+    sse = SseServerTransport("/messages/")
+
+    async def handle_sse(request: Any) -> Response:
+        async with sse.connect_sse(request.scope, request.receive, request._send) as (read, write):
+            await server.run(read, write, server.create_initialization_options())
+        return Response()
+
+    routes = [Route("/sse", endpoint=handle_sse, methods=["GET"]), Mount("/messages/", app=sse.handle_post_message)]
+    return Starlette(routes=routes)

@@ -1,0 +1,181 @@
+"""The `loopwatch` command: `run` wraps an existing server with no change to its code; `demo` shows it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import __version__
+
+logger = logging.getLogger("loopwatch")
+
+TRANSPORTS = ("stdio", "streamable-http", "sse")
+
+
+class UsageError(Exception):
+    pass
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, not {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _flag(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a yes/no value")
+
+
+def _policies(text: str) -> dict[str, str]:
+    """`tool=never,other=always`."""
+    result: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        tool, sep, policy = part.partition("=")
+        if not sep or policy not in ("auto", "never", "always"):
+            raise argparse.ArgumentTypeError(f"{part!r}: expected TOOL=auto|never|always")
+        result[tool] = policy
+    return result
+
+
+# name, flags, kwargs: every option of `run`, each also read from LOOPWATCH_<NAME>.
+RUN_OPTIONS: list[tuple[str, tuple[str, ...], dict[str, Any]]] = [
+    ("transport", ("--transport",), {"choices": TRANSPORTS, "default": "stdio"}),
+    ("host", ("--host",), {"default": "127.0.0.1", "help": "interface for HTTP transports"}),
+    ("port", ("--port",), {"type": _port, "default": 8000}),
+    ("threshold", ("--threshold",), {"type": _seconds, "default": 0.1, "help": "seconds of stall that count"}),
+    ("offload", ("--offload",), {"choices": ("auto", "off"), "default": "off"}),
+    ("events", ("--events",), {"metavar": "FILE", "help": "append every event as a JSON line"}),
+    ("include_arguments", ("--include-arguments",), {"type": _flag, "nargs": "?", "const": True, "default": False}),
+]
+
+
+def _env_name(name: str) -> str:
+    return "LOOPWATCH_" + name.upper()
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    for name, flags, kwargs in RUN_OPTIONS:
+        kwargs = dict(kwargs)
+        env = os.environ.get(_env_name(name))
+        if env is not None:
+            convert: Callable[[str], Any] = kwargs.get("type", str)
+            try:
+                kwargs["default"] = convert(env)
+            except argparse.ArgumentTypeError as exc:
+                raise UsageError(f"{_env_name(name)}={env}: {exc}") from None
+            if "choices" in kwargs and kwargs["default"] not in kwargs["choices"]:
+                choices = ", ".join(kwargs["choices"])
+                raise UsageError(f"{_env_name(name)}={env}: expected one of {choices}")
+        help_text = kwargs.pop("help", "")
+        env_help = f"(env {_env_name(name)}; default {kwargs.get('default')})"
+        parser.add_argument(*flags, dest=name, help=f"{help_text} {env_help}".strip(), **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loopwatch", description="Find what blocks an MCP server's event loop.")
+    parser.add_argument("--version", action="version", version=f"loopwatch {__version__}")
+    parser.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a server with loopwatch, no code change")
+    run.add_argument("target", help="path/to/server.py[:object] or package.module[:object]")
+    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="tracebacks and debug logs")
+    _add_run_options(run)
+    demo = sub.add_parser("demo", help="run the bundled example and show what loopwatch finds")
+    demo.add_argument("--quick", action="store_true", help="fewer calls")
+    return parser
+
+
+def setup_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s loopwatch %(levelname)s %(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    logger.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        print(f"loopwatch: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(getattr(args, "debug", False))
+    if args.command == "demo":
+        from .demo.driver import run_demo
+
+        return run_demo(quick=args.quick)
+    return run_command(args)
+
+
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What `instrument()` gets from the command line."""
+    return {
+        "threshold": args.threshold,
+        "offload": args.offload,
+        "events": args.events,
+        "include_arguments": args.include_arguments,
+    }
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from ._options import OptionError
+    from ._target import TargetError, load_target, serve
+    from .mcp import instrument
+
+    try:
+        server = load_target(args.target)
+        handle = instrument(server, **run_options(args))
+    except (TargetError, OptionError, OSError) as exc:
+        if args.debug:
+            logger.exception("cannot start")
+        print(f"loopwatch: {exc}", file=sys.stderr)
+        return 2
+    import anyio
+
+    logger.info("watching %s over %s (threshold %.0f ms)", args.target, args.transport, args.threshold * 1000)
+    try:
+        anyio.run(serve, server, args.transport, args.host, args.port, handle.routes)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if args.debug:
+            logger.exception("the server failed")
+        print(f"loopwatch: the server failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        handle.uninstrument()
+    return 0

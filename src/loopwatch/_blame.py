@@ -11,7 +11,7 @@ import os
 import sys
 import sysconfig
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import CodeType, FrameType
 from typing import Any
@@ -21,12 +21,13 @@ from ._events import Frame
 MAX_DEPTH = 128
 CALL_LOCAL = "_lw_call"
 
-_call_codes: set[CodeType] = set()
+CallReader = Callable[[FrameType], "CallRecord | None"]
+_call_codes: dict[CodeType, CallReader] = {}
 
 
-def register_call_frame(code: CodeType) -> None:
-    """Frames running `code` hold the call being served in their `_lw_call` local."""
-    _call_codes.add(code)
+def register_call_frame(code: CodeType, reader: CallReader | None = None) -> None:
+    """Frames running `code` identify the call being served: by default through their `_lw_call` local."""
+    _call_codes[code] = reader or _read_call
 
 
 class CallRecord:
@@ -92,8 +93,10 @@ def sample_frame(leaf: FrameType | None) -> Sample | None:
     while frame is not None and len(raw) < MAX_DEPTH:
         code = frame.f_code
         raw.append((code.co_filename, frame.f_lineno or 0, code.co_name))
-        if call is None and code in _call_codes:
-            call = _read_call(frame)
+        if call is None:
+            reader = _call_codes.get(code)
+            if reader is not None:
+                call = reader(frame)
         if code.co_name == "_find_and_load" and code.co_filename.startswith("<frozen importlib"):
             module = _read_local(frame, "name") or module
         frame = frame.f_back
@@ -111,6 +114,30 @@ def _read_local(frame: FrameType, name: str) -> Any:
 def _read_call(frame: FrameType) -> CallRecord | None:
     value = _read_local(frame, CALL_LOCAL)
     return value if isinstance(value, CallRecord) else None
+
+
+def record_from_context(ctx: Any) -> CallRecord | None:
+    """A CallRecord for an SDK request context, for servers loopwatch's middleware is not on."""
+    method = getattr(ctx, "method", None)
+    if not isinstance(method, str):
+        return None
+    params = getattr(ctx, "params", None) or {}
+    name = params.get("name") if method == "tools/call" and hasattr(params, "get") else None
+    tool = name[:200] if isinstance(name, str) else None
+    return CallRecord(method, tool, getattr(ctx, "request_id", None), ctx)
+
+
+def _read_sdk_request(frame: FrameType) -> CallRecord | None:
+    return record_from_context(_read_local(frame, "ctx"))
+
+
+def register_sdk_frames() -> None:
+    """Blame through the SDK's own request frame, so un-instrumented servers are blamed too."""
+    try:
+        from mcp.server.runner import ServerRunner
+    except Exception:
+        return
+    register_call_frame(ServerRunner._on_request.__code__, _read_sdk_request)
 
 
 def _dir_of(module: Any) -> str:
@@ -228,6 +255,11 @@ def is_import(stack: Sequence[RawFrame]) -> bool:
     return any(file.startswith("<frozen importlib") for file, _, _ in stack)
 
 
+def call_key(call: CallRecord) -> int:
+    """Samples of one request agree on this, whichever frame their record was read from."""
+    return id(call.ctx) if call.ctx is not None else id(call)
+
+
 @dataclass(frozen=True, slots=True)
 class Profile:
     """What a series of samples during one block says."""
@@ -245,12 +277,12 @@ def summarize(samples: Sequence[Sample]) -> Profile:
         return Profile((), None, 0, False, None)
     stacks = Counter(s.stack for s in samples)
     hottest = max(stacks.items(), key=lambda item: item[1])[0]
-    calls = Counter(id(s.call) for s in samples if s.call is not None)
+    calls = Counter(call_key(s.call) for s in samples if s.call is not None)
     call = None
     if calls:
         best, count = calls.most_common(1)[0]
         if count * 2 > len(samples):
-            call = next(s.call for s in samples if id(s.call) == best)
+            call = next(s.call for s in samples if s.call is not None and call_key(s.call) == best)
     importing = sum(1 for s in samples if is_import(s.stack)) * 2 > len(samples)
     module = next((s.module for s in reversed(samples) if s.module), None) if importing else None
     frames = tuple(Frame(f, ln, fn) for f, ln, fn in hottest)

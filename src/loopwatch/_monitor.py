@@ -13,7 +13,7 @@ from typing import Any
 
 import anyio
 
-from ._blame import CallRecord
+from ._blame import CallRecord, register_sdk_frames
 from ._events import BlockEvent, Event, JsonLinesWriter, Listener, Listeners, log_event
 from ._options import Options
 from ._sentinel import Heartbeat, run_sentinel
@@ -96,6 +96,7 @@ class Monitor:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Monitor]:
         """Watch the current loop while the block runs. Nested or concurrent entries share one watch."""
+        register_sdk_frames()
         with self._lock:
             self._refs += 1
             owner = self._refs == 1

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ._blame import CallRecord, Sample, culprit_frame, sample_frame, summarize
+from ._blame import CallRecord, Sample, call_key, culprit_frame, sample_frame, summarize
 from ._events import BlockEvent, BlockKind
 from ._sentinel import Clock, Heartbeat
 
@@ -128,7 +128,7 @@ class Detector:
         if kind == "gil":
             # Samples taken after the GIL came back show whatever runs then: keep only the call,
             # and only when the watchdog saw it on the loop before the GIL was taken.
-            calls = {id(c): c for c in block.honest_calls}
+            calls = {call_key(c): c for c in block.honest_calls if c is not None}
             call = next(iter(calls.values())) if len(calls) == 1 else None
             self.emit(self._event(kind, lag, cpu_s, now, end, (), call, block.taken, None), call)
             return

@@ -219,6 +219,22 @@ class Handle:
     def remove_listener(self, listener: Callable[[Any], None]) -> None:
         self.monitor.remove_listener(listener)
 
+    @property
+    def offload(self) -> Any:
+        """The offload controller, or None when offload is off."""
+        return next((e for e in self.extensions if type(e).__name__ == "Offloader"), None)
+
+    def set_tool_policy(self, tool: str, policy: str) -> None:
+        """`always` moves a tool off the loop now, `never` pins it on the loop, `auto` lets blocks decide.
+
+        Raises RuntimeError when offload is off (`offload="off"`), ValueError for an unknown policy.
+        """
+        if policy not in ("auto", "never", "always"):
+            raise ValueError(f"policy must be auto, never or always, not {policy!r}")
+        if self.offload is None:
+            raise RuntimeError("offload is off: start with offload='auto' (--offload auto)")
+        self.offload.set_policy(tool, policy, reason="manual")
+
     def _install(self) -> None:
         chain = self._lowlevel.middleware
         chain.insert(_position(chain), self.middleware)

@@ -216,13 +216,25 @@ def _framework_dirs() -> tuple[str, ...]:
     return tuple(dirs + [here])
 
 
+def _package_of(file: str) -> str | None:
+    """The top-level package of a file installed under site-packages or dist-packages."""
+    for marker in ("site-packages", "dist-packages"):
+        index = file.rfind(marker + os.sep)
+        if index >= 0:
+            rest = file[index + len(marker) + 1 :]
+            return rest.split(os.sep, 1)[0].removesuffix(".py")
+    return None
+
+
 def is_framework(file: str, _cache: dict[str, bool] = {}) -> bool:  # noqa: B006 - a deliberate memo
     """Stdlib, the frozen import machinery, and the packages between the transport and a tool."""
     known = _cache.get(file)
     if known is None:
-        site = "site-packages" + os.sep in file or "dist-packages" + os.sep in file
-        stdlib = file.startswith(_stdlib_dirs()) and not site
-        known = file.startswith("<") or stdlib or file.startswith(_framework_dirs())
+        package = _package_of(file)
+        if package is not None:
+            known = package in _FRAMEWORK_PACKAGES
+        else:
+            known = file.startswith("<") or file.startswith(_stdlib_dirs()) or file.startswith(_framework_dirs())
         if len(_cache) < 4096:
             _cache[file] = known
     return known

@@ -120,6 +120,27 @@ class Monitor:
             with self._lock:
                 self._refs -= 1
 
+    @property
+    def watchdog_steps(self) -> int:
+        """How many polls the watchdog has completed (0 when not running)."""
+        return self._watchdog.steps if self._watchdog is not None else 0
+
+    async def settle(self, beats: int = 3, timeout: float = 10.0) -> None:
+        """Wait until blocks that already ended are reported: a few beats, then two watchdog polls.
+
+        For tests and tools: bounded by `timeout`, and it never blocks the loop.
+        """
+        heartbeat = self.heartbeat
+        if heartbeat is None or self._watchdog is None:
+            return
+        with anyio.fail_after(timeout):
+            target = heartbeat.beat[0] + beats
+            while heartbeat.beat[0] < target:
+                await anyio.sleep(self.options.interval)
+            steps = self.watchdog_steps + 2
+            while self.watchdog_steps < steps and self._watchdog is not None:
+                await anyio.sleep(self.options.interval)
+
     def _start(self) -> Heartbeat:
         opts = self.options
         thread_id = threading.get_ident()

@@ -196,6 +196,8 @@ class Watchdog:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="loopwatch-watchdog", daemon=True)
         self._failures = 0
+        self.steps = 0
+        """Completed polls: a reader that saw it move twice knows everything before was handled."""
 
     def start(self) -> None:
         self._thread.start()
@@ -218,6 +220,7 @@ class Watchdog:
         try:
             self.detector.poll()
             self.housekeeping()
+            self.steps += 1
         except Exception:
             self._failures += 1
             if self._failures <= 3 or self._failures % 1000 == 0:

@@ -1,0 +1,31 @@
+"""Shared by the tests: load fixture servers fresh, and wait for the watchdog without racing it."""
+
+import importlib
+import sys
+from pathlib import Path
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def fresh(module: str, attr: str):
+    """A new instance of a fixture server (its module re-imported), so instrumenting it leaks nowhere."""
+    if str(FIXTURES) not in sys.path:
+        sys.path.insert(0, str(FIXTURES))
+    sys.modules.pop(module, None)
+    sys.modules.pop("heavy_report_lib", None)
+    return getattr(importlib.import_module(module), attr)
+
+
+def client_for(server):
+    if type(server).__module__.startswith("fastmcp"):
+        import fastmcp
+
+        return fastmcp.Client(server)
+    from mcp import Client
+
+    return Client(server)
+
+
+async def settle(monitor, beats: int = 5, timeout: float = 10.0) -> None:
+    """Let blocks that already ended be reported (bounded; see Monitor.settle)."""
+    await monitor.settle(beats=beats, timeout=timeout)

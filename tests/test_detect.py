@@ -1,0 +1,133 @@
+"""Real blocks on a real loop, found and blamed: asyncio, uvloop and trio; three kinds of server."""
+
+import anyio
+import pytest
+
+import loopwatch
+from helpers import client_for, fresh, settle
+
+pytestmark = pytest.mark.anyio
+
+
+async def run_beside(client, blocker: str, args: dict, honest: int = 8, honest_tool: str = "ping"):
+    async with anyio.create_task_group() as tg:
+        for i in range(honest):
+            tg.start_soon(client.call_tool, honest_tool, {"n": i} if honest_tool == "ping" else {})
+        await anyio.sleep(0.005)
+        tg.start_soon(client.call_tool, blocker, args)
+
+
+def blamed_on(handle, tool):
+    return [e for e in handle.monitor.recent if getattr(e, "tool", None) == tool]
+
+
+async def test_a_blocking_tool_among_honest_calls_is_blamed_with_its_line_and_nobody_else_is(anyio_backend):
+    server = fresh("inventory_server", "mcp")
+    handle = loopwatch.instrument(server, threshold=0.1, log_blocks=False, traces=False)
+    async with client_for(server) as client:
+        await run_beside(client, "lookup", {"sku": "A-1"}, honest=24)
+        await settle(handle.monitor)
+    [event] = blamed_on(handle, "lookup")
+    assert event.kind == "wait"
+    assert event.method == "tools/call"
+    assert event.request_id is not None
+    leaf = event.frames[-1]
+    assert (leaf.file.endswith("legacy.py"), leaf.function) == (True, "fetch_record")
+    assert event.culprit.file.endswith("inventory_server.py") and event.culprit.function == "lookup"
+    assert blamed_on(handle, "ping") == []
+    assert handle.snapshot()["tools"]["lookup"]["blocks"] == 1
+
+
+async def test_a_crunching_tool_is_a_cpu_block_on_its_own_line(anyio_backend):
+    server = fresh("inventory_server", "mcp")
+    handle = loopwatch.instrument(server, threshold=0.1, log_blocks=False, traces=False)
+    async with client_for(server) as client:
+        await client.call_tool("ping", {})
+        rounds = 40000
+        await run_beside(client, "checksum", {"rounds": rounds})
+        await settle(handle.monitor)
+        events = blamed_on(handle, "checksum")
+        while not events and rounds < 2_000_000:  # a faster machine needs more work to cross the threshold
+            rounds *= 4
+            await run_beside(client, "checksum", {"rounds": rounds})
+            await settle(handle.monitor)
+            events = blamed_on(handle, "checksum")
+    assert events, "the crunch was never caught"
+    assert {e.kind for e in events} <= {"cpu", "gil"}
+    assert any(e.kind == "cpu" and e.culprit.function == "checksum" for e in events)
+    assert blamed_on(handle, "ping") == []
+
+
+async def test_a_lazy_import_on_the_loop_is_an_import_block_at_the_import_statement(anyio_backend):
+    server = fresh("inventory_server", "mcp")
+    handle = loopwatch.instrument(server, threshold=0.1, log_blocks=False, traces=False)
+    async with client_for(server) as client:
+        await run_beside(client, "report", {})
+        await settle(handle.monitor)
+    [event] = blamed_on(handle, "report")
+    assert event.kind == "import"
+    assert event.module == "heavy_report_lib"
+    assert event.culprit.function == "report"
+    assert "import heavy_report_lib" in open(event.culprit.file).read().splitlines()[event.culprit.line - 1]
+
+
+async def test_a_sync_tool_on_a_worker_thread_does_not_block_the_loop(anyio_backend):
+    server = fresh("inventory_server", "mcp")
+    handle = loopwatch.instrument(server, threshold=0.1, log_blocks=False, traces=False)
+    async with client_for(server) as client:
+        await run_beside(client, "sync_lookup", {"sku": "B"})
+        await settle(handle.monitor)
+    assert blamed_on(handle, "sync_lookup") == []
+    assert handle.snapshot()["tools"]["sync_lookup"]["executes"] == "thread"
+
+
+async def test_the_low_level_server_is_blamed_by_tool_name(anyio_backend):
+    server = fresh("low_server", "server")
+    handle = loopwatch.instrument(server, threshold=0.1, log_blocks=False, traces=False)
+    async with client_for(server) as client:
+        await run_beside(client, "lookup", {}, honest_tool="ping")
+        await settle(handle.monitor)
+    [event] = blamed_on(handle, "lookup")
+    assert event.culprit.file.endswith("low_server.py") and event.culprit.function == "call_tool"
+    assert blamed_on(handle, "ping") == []
+
+
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
+async def test_fastmcp_tools_are_blamed_by_name(anyio_backend):
+    server = fresh("fm_server", "app")
+    handle = loopwatch.instrument(server, threshold=0.1, log_blocks=False, traces=False)
+    async with client_for(server) as client:
+        await run_beside(client, "lookup", {"sku": "C"})
+        await settle(handle.monitor)
+    [event] = blamed_on(handle, "lookup")
+    assert event.kind == "wait"
+    assert event.culprit.file.endswith("fm_server.py") and event.culprit.function == "lookup"
+    assert blamed_on(handle, "ping") == []
+
+
+async def test_a_block_outside_any_call_has_no_tool_and_keeps_its_frames(anyio_backend):
+    import time
+
+    async with loopwatch.watch(threshold=0.1, log_blocks=False) as monitor:
+        await anyio.sleep(0.05)
+        time.sleep(0.3)  # the program's own code, no MCP call
+        await settle(monitor)
+    [event] = list(monitor.recent)
+    assert event.tool is None and event.method is None
+    assert event.kind == "wait"
+    assert event.frames[-1].function == "test_a_block_outside_any_call_has_no_tool_and_keeps_its_frames"
+
+
+async def test_events_file_receives_one_json_line_per_block(tmp_path, anyio_backend):
+    import json
+
+    path = tmp_path / "events.jsonl"
+    server = fresh("inventory_server", "mcp")
+    handle = loopwatch.instrument(server, threshold=0.1, log_blocks=False, traces=False, events=str(path))
+    async with client_for(server) as client:
+        await client.call_tool("lookup", {"sku": "Z"})
+        await settle(handle.monitor)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    [line] = [x for x in lines if x["tool"] == "lookup"]
+    assert line["event"] == "loop_blocked" and line["kind"] == "wait"
+    assert "arguments" not in line  # argument values stay out of reports unless asked for

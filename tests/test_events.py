@@ -1,0 +1,84 @@
+import json
+import logging
+import os
+
+import pytest
+
+from loopwatch._events import BlockEvent, Frame, JsonLinesWriter, Listeners, OffloadEvent
+
+FRAMES = (Frame("/srv/server.py", 15, "lookup"), Frame("/srv/legacy.py", 8, "fetch_record"))
+
+
+def block(**overrides):
+    fields = dict(
+        time=1700000000.5, duration_s=0.312, kind="wait", tool="lookup", method="tools/call",
+        request_id="7", session_id=None, cpu_s=0.01, samples=20, frames=FRAMES, culprit=FRAMES[0],
+    )
+    fields.update(overrides)
+    return BlockEvent(**fields)
+
+
+def test_the_log_line_names_duration_kind_call_and_lines():
+    assert block().describe() == (
+        "loop blocked 312 ms [wait] by tools/call lookup (request 7) at legacy.py:8 in fetch_record"
+        " <- server.py:15 in lookup"
+    )
+
+
+def test_a_block_outside_any_call_says_so():
+    line = block(tool=None, method=None, request_id=None).describe()
+    assert "outside any call" in line
+
+
+def test_the_json_form_has_the_documented_fields_outermost_frame_first():
+    data = block().to_dict()
+    assert data["event"] == "loop_blocked"
+    expected = {"event", "time", "duration_s", "kind", "tool", "method", "request_id", "session_id",
+                "cpu_s", "samples", "frames", "culprit"}
+    assert set(data) == expected
+    assert data["frames"][0] == {"file": "/srv/server.py", "line": 15, "function": "lookup"}
+    json.dumps(data)
+
+
+def test_arguments_appear_only_when_collected():
+    assert "arguments" not in block().to_dict()
+    assert block(arguments={"q": 1}).to_dict()["arguments"] == {"q": 1}
+
+
+def test_json_lines_are_appended_one_object_per_line(tmp_path):
+    path = tmp_path / "events.jsonl"
+    writer = JsonLinesWriter(str(path))
+    writer(block())
+    writer(OffloadEvent(time=1.0, tool="lookup", action="offloaded", reason="blocked", blocks=1))
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["event"] for line in lines] == ["loop_blocked", "offloaded"]
+
+
+def test_a_file_that_cannot_be_opened_fails_at_start_with_a_clear_error(tmp_path):
+    with pytest.raises(OSError):
+        JsonLinesWriter(str(tmp_path / "missing-dir" / "events.jsonl"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_write_that_fails_later_is_logged_once_and_never_raised(caplog):
+    writer = JsonLinesWriter("/dev/full")  # every write fails: disk full
+    with caplog.at_level(logging.ERROR, logger="loopwatch"):
+        writer(block())
+        writer(block())
+    assert len([r for r in caplog.records if "cannot write events" in r.message]) == 1
+
+
+def test_a_listener_that_raises_is_logged_and_dropped_and_the_others_still_run(caplog):
+    seen = []
+
+    def broken(event):
+        raise RuntimeError("boom")
+
+    listeners = Listeners()
+    listeners.add(broken)
+    listeners.add(seen.append)
+    with caplog.at_level(logging.ERROR, logger="loopwatch"):
+        listeners.emit(block())
+        listeners.emit(block())
+    assert len(seen) == 2
+    assert sum("listener" in r.message for r in caplog.records) == 1

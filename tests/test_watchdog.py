@@ -1,0 +1,196 @@
+"""The detector's decisions, driven by a fake clock, a fake CPU clock and fake samples: no threads, no sleeps."""
+
+from loopwatch._blame import CallRecord, Sample
+from loopwatch._events import BlockEvent
+from loopwatch._sentinel import Heartbeat
+from loopwatch._watchdog import Detector, classify
+
+TOOL_STACK = (("/app/server.py", 15, "lookup"), ("/app/legacy.py", 8, "fetch_record"))
+IMPORT_STACK = (("/app/server.py", 20, "report"), ("<frozen importlib._bootstrap>", 1176, "_find_and_load"))
+
+
+class World:
+    """A loop that beats every 10 ms until told to block, seen by a watchdog that polls every 10 ms."""
+
+    def __init__(self, threshold=0.1):
+        self.now = 100.0
+        self.cpu = 5.0
+        self.count = 0
+        self.hb = Heartbeat(0.01, threshold, clock=lambda: self.now)
+        self.sample: Sample | None = None
+        self.events: list[tuple[BlockEvent, CallRecord | None]] = []
+        self.detector = Detector(
+            self.hb,
+            poll_interval=0.01,
+            clock=lambda: self.now,
+            wall=lambda: 1_000_000 + self.now,
+            cpu_clock=lambda: self.cpu,
+            sampler=lambda: self.sample,
+            emit=lambda e, c: self.events.append((e, c)),
+        )
+
+    def beat(self, lag=0.0):
+        self.count += 1
+        self.hb.record(self.count, self.now, lag)
+
+    def healthy(self, seconds=0.1, cpu_share=0.1):
+        for _ in range(round(seconds / 0.01)):
+            self.now += 0.01
+            self.cpu += 0.01 * cpu_share
+            self.beat()
+            self.detector.poll()
+
+    def block(self, seconds, cpu_share, sample=None, watchdog_runs=True):
+        """The loop stalls; the watchdog polls through it (or, with the GIL held, can't)."""
+        self.sample = sample
+        start = self.now
+        if watchdog_runs:
+            while self.now + 0.01 <= start + seconds + 1e-9:
+                self.now += 0.01
+                self.cpu += 0.01 * cpu_share
+                self.detector.poll()
+        else:
+            self.now += seconds
+            self.cpu += seconds * cpu_share
+        self.now = start + seconds + 0.01
+        self.beat(lag=seconds)
+        self.sample = None
+
+
+def call(tool="lookup", request_id=7):
+    return CallRecord("tools/call", tool, request_id, ctx=object(), label=tool)
+
+
+def test_a_sleep_is_a_wait_block_blamed_on_the_call_with_its_frames():
+    w = World()
+    w.healthy()
+    record = call()
+    w.block(0.3, cpu_share=0.02, sample=Sample(TOOL_STACK, record))
+    w.healthy(0.03)
+    [(event, blamed)] = w.events
+    assert event.kind == "wait"
+    assert (event.tool, event.method, event.request_id) == ("lookup", "tools/call", "7")
+    assert blamed is record
+    assert [f.line for f in event.frames] == [15, 8]
+    assert event.samples >= 15
+    assert event.duration_s == 0.3
+
+
+def test_cpu_time_close_to_wall_time_is_a_cpu_block():
+    w = World()
+    w.healthy()
+    w.block(0.25, cpu_share=1.0, sample=Sample(TOOL_STACK, call("crunch")))
+    w.healthy(0.03)
+    [(event, _)] = w.events
+    assert event.kind == "cpu"
+    assert event.tool == "crunch"
+    assert 0.2 <= event.cpu_s <= 0.25
+
+
+def test_a_block_the_watchdog_could_not_watch_while_busy_is_gil_with_no_invented_frames():
+    w = World()
+    w.healthy()
+    w.block(0.5, cpu_share=1.0, sample=Sample(TOOL_STACK, call("native")), watchdog_runs=False)
+    w.sample = Sample(TOOL_STACK, call("native"))  # what a sampler would see after the GIL comes back
+    w.healthy(0.03)
+    [(event, _)] = w.events
+    assert event.kind == "gil"
+    assert event.frames == ()
+    assert event.tool is None
+    assert "GIL" in event.describe()
+
+
+def test_a_gil_block_keeps_the_call_seen_before_the_gil_was_taken():
+    w = World()
+    w.healthy()
+    record = call("native")
+    w.sample = Sample(TOOL_STACK, record)
+    # 150 ms of Python the watchdog samples, then 600 ms in a native call that holds the GIL.
+    start = w.now
+    while w.now < start + 0.15 - 1e-9:
+        w.now += 0.01
+        w.cpu += 0.01
+        w.detector.poll()
+    w.now += 0.6
+    w.cpu += 0.6
+    w.detector.poll()  # the watchdog wakes once the GIL is back; the loop has not beaten yet
+    w.now += 0.01
+    w.beat(lag=w.now - start - 0.01)
+    w.healthy(0.03)
+    [(event, _)] = w.events
+    assert event.kind == "gil"
+    assert event.tool == "native"
+    assert event.frames == ()
+
+
+def test_a_block_inside_an_import_is_an_import_block_naming_the_module_and_the_import_line():
+    w = World()
+    w.healthy()
+    w.block(0.3, cpu_share=0.05, sample=Sample(IMPORT_STACK, call("report"), module="pandas"))
+    w.healthy(0.03)
+    [(event, _)] = w.events
+    assert event.kind == "import"
+    assert event.module == "pandas"
+    assert event.culprit is not None and (event.culprit.file, event.culprit.line) == ("/app/server.py", 20)
+    assert "importing pandas" in event.describe()
+
+
+def test_a_loop_that_beats_on_time_reports_nothing():
+    w = World()
+    w.healthy(2.0, cpu_share=0.9)
+    assert w.events == []
+
+
+def test_a_stall_below_the_threshold_is_not_a_block():
+    w = World(threshold=0.1)
+    w.healthy()
+    w.block(0.06, cpu_share=1.0, sample=Sample(TOOL_STACK, call()))
+    w.healthy(0.05)
+    assert w.events == []
+
+
+def test_two_blocks_between_two_polls_are_two_events_each_with_its_own_cpu():
+    w = World()
+    w.healthy()
+    w.now += 0.2
+    w.cpu += 0.2
+    w.beat(lag=0.2)  # a crunch
+    w.now += 0.3
+    w.beat(lag=0.3)  # then a sleep, before the watchdog looked again
+    w.now += 0.01
+    w.detector.poll()
+    assert [e.duration_s for e, _ in w.events] == [0.2, 0.3]
+    assert all(e.frames == () for e, _ in w.events)
+
+
+def test_without_a_cpu_clock_the_kind_is_unknown():
+    assert classify(0.3, None, 0.0, importing=False) == "unknown"
+
+
+def test_block_times_are_unix_seconds_at_the_start_of_the_block():
+    w = World()
+    w.healthy()
+    start = w.now
+    w.block(0.3, cpu_share=0.0, sample=Sample(TOOL_STACK, call()))
+    w.healthy(0.03)
+    [(event, _)] = w.events
+    assert abs(event.time - (1_000_000 + start + 0.01)) < 0.02
+
+
+def test_calls_disagreeing_across_samples_blame_nobody():
+    w = World()
+    w.healthy()
+    records = [call("a", 1), call("b", 2), call("c", 3)]
+    w.sample = None
+    start = w.now
+    i = 0
+    while w.now < start + 0.3 - 1e-9:
+        w.now += 0.01
+        w.sample = Sample(TOOL_STACK, records[i % 3])
+        i += 1
+        w.detector.poll()
+    w.now += 0.01
+    w.beat(lag=0.3)
+    w.healthy(0.03)
+    [(event, _)] = w.events
+    assert event.tool is None

@@ -73,6 +73,10 @@ class Monitor:
         """Called on the watchdog thread with each lag the sentinel measured."""
         self.block_hooks: list[Callable[[BlockEvent, CallRecord | None], None]] = []
         """Called on the watchdog thread with each block and the call it is blamed on."""
+        self.start_hooks: list[Callable[[Monitor], None]] = []
+        """Called on the loop thread when watching starts (the loop is running): keep them quick."""
+        self.stop_hooks: list[Callable[[Monitor], None]] = []
+        """Called on the loop thread when watching stops."""
         self.where: Callable[[str], str] = lambda tool: "loop"
         self.started_at: float | None = None
         self.loop_thread_id: int | None = None
@@ -158,13 +162,23 @@ class Monitor:
         self.started_at = time.time()
         self._watchdog = Watchdog(detector, housekeeping=self.pump)
         self._watchdog.start()
+        self._call_hooks(self.start_hooks)
         return heartbeat
 
     def _stop(self) -> None:
+        self._call_hooks(self.stop_hooks)
         watchdog, self._watchdog = self._watchdog, None
         if watchdog is not None:
             watchdog.stop()
         self.pump()
+
+    def _call_hooks(self, hooks: list[Callable[[Monitor], None]]) -> None:
+        for hook in list(hooks):
+            try:
+                hook(self)
+            except Exception:
+                logger.exception("loopwatch lifecycle hook %r raised; it is removed", hook)
+                hooks.remove(hook)
 
     # -- events ----------------------------------------------------------------------------------
     def add_listener(self, listener: Listener) -> None:

@@ -15,6 +15,7 @@ class World:
     def __init__(self, threshold=0.1):
         self.now = 100.0
         self.cpu = 5.0
+        self.runnable = 0.0
         self.count = 0
         self.hb = Heartbeat(0.01, threshold, clock=lambda: self.now)
         self.sample: Sample | None = None
@@ -24,7 +25,7 @@ class World:
             poll_interval=0.01,
             clock=lambda: self.now,
             wall=lambda: 1_000_000 + self.now,
-            cpu_clock=lambda: self.cpu,
+            cpu_clock=lambda: (self.cpu, self.cpu + self.runnable),
             sampler=lambda: self.sample,
             emit=lambda e, c: self.events.append((e, c)),
         )
@@ -161,6 +162,24 @@ def test_two_blocks_between_two_polls_are_two_events_each_with_its_own_cpu():
     w.detector.poll()
     assert [e.duration_s for e, _ in w.events] == [0.2, 0.3]
     assert all(e.frames == () for e, _ in w.events)
+
+
+def test_a_crunch_preempted_by_a_busy_machine_is_still_a_cpu_block():
+    w = World()
+    w.healthy()
+    start = w.now
+    w.sample = Sample(TOOL_STACK, call("crunch"))
+    while w.now < start + 0.3 - 1e-9:
+        w.now += 0.01
+        w.cpu += 0.004  # on the CPU 40% of the time...
+        w.runnable += 0.005  # ...and waiting for a core most of the rest: never asleep
+        w.detector.poll()
+    w.now += 0.01
+    w.beat(lag=0.3)
+    w.healthy(0.03)
+    [(event, _)] = w.events
+    assert event.kind == "cpu"
+    assert event.cpu_s < 0.15  # cpu_s reports real CPU time, not demand
 
 
 def test_without_a_cpu_clock_the_kind_is_unknown():

@@ -216,6 +216,9 @@ def _framework_dirs() -> tuple[str, ...]:
     return tuple(dirs + [here])
 
 
+_DEMO = os.sep + os.path.join("loopwatch", "demo") + os.sep
+
+
 def _package_of(file: str) -> str | None:
     """The top-level package of a file installed under site-packages or dist-packages."""
     for marker in ("site-packages", "dist-packages"):
@@ -231,7 +234,9 @@ def is_framework(file: str, _cache: dict[str, bool] = {}) -> bool:  # noqa: B006
     known = _cache.get(file)
     if known is None:
         package = _package_of(file)
-        if package is not None:
+        if _DEMO in file:
+            known = False  # the bundled demo is application code, though it ships inside loopwatch
+        elif package is not None:
             known = package in _FRAMEWORK_PACKAGES
         else:
             known = file.startswith("<") or file.startswith(_stdlib_dirs()) or file.startswith(_framework_dirs())

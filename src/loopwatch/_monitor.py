@@ -152,7 +152,7 @@ class Monitor:
         detector = Detector(
             heartbeat,
             poll_interval=opts.interval,
-            cpu_clock=thread_cpu_clock(thread_id),
+            cpu_clock=thread_cpu_clock(thread_id, threading.get_native_id()),
             sampler=thread_sampler(thread_id),
             emit=self._on_block,
             include_arguments=opts.include_arguments,

@@ -21,7 +21,9 @@ from ._sentinel import Clock, Heartbeat
 logger = logging.getLogger("loopwatch")
 
 Sampler = Callable[[], Sample | None]
-CpuClock = Callable[[], float | None]
+CpuReading = tuple[float, float]
+"""(CPU seconds, demand seconds): demand adds the time the thread was runnable but not running."""
+CpuClock = Callable[[], CpuReading | None]
 MAX_SAMPLES = 512
 CPU_SHARE = 0.5
 
@@ -43,13 +45,17 @@ class _Block:
             self.honest_calls.append(sample.call)
 
 
-def classify(duration: float, cpu_s: float | None, starved_s: float, importing: bool) -> BlockKind:
-    """The kind of a block, from the loop thread's CPU time and whether the watchdog could run at all."""
+def classify(duration: float, demand_s: float | None, starved_s: float, importing: bool) -> BlockKind:
+    """The kind of a block, from the loop thread's demand for CPU and whether the watchdog could run at all.
+
+    Demand is CPU time plus time spent runnable but waiting for a core: on a loaded machine a crunch
+    gets less CPU than wall time, but it never sleeps.
+    """
     if importing:
         return "import"
-    if cpu_s is None:
+    if demand_s is None:
         return "unknown"
-    busy = cpu_s >= CPU_SHARE * duration
+    busy = demand_s >= CPU_SHARE * duration
     if busy and starved_s >= duration / 2:
         return "gil"
     return "cpu" if busy else "wait"
@@ -84,8 +90,9 @@ class Detector:
         self.clock, self.wall, self.cpu_clock, self.sampler, self.emit = clock, wall, cpu_clock, sampler, emit
         self.include_arguments = include_arguments
         self._last_poll = clock()
+        self._expected_gap = poll_interval
         count = heartbeat.beat[0]
-        self._cpu_at: deque[tuple[int, float | None]] = deque([(count, cpu_clock())], maxlen=64)
+        self._cpu_at: deque[tuple[int, CpuReading | None]] = deque([(count, cpu_clock())], maxlen=64)
         self._starved: deque[tuple[float, float]] = deque(maxlen=64)
         self._block: _Block | None = None
 
@@ -93,10 +100,15 @@ class Detector:
     def blocked(self) -> bool:
         return self._block is not None
 
-    def poll(self) -> None:
+    def poll(self) -> float:
+        """Look once; return how long to wait before the next look.
+
+        While the loop beats, the next look is when a block could first cross the threshold (one wake per
+        threshold period: each wake costs the loop a GIL handoff). During a block, every `poll_interval`.
+        """
         now = self.clock()
         gap, self._last_poll = now - self._last_poll, now
-        starved = gap - self.poll_interval >= self.hb.threshold / 2
+        starved = gap - self._expected_gap >= self.hb.threshold / 2
         if starved:
             self._starved.append((now - gap, now))
         count, beat_time = self.hb.beat
@@ -113,18 +125,29 @@ class Detector:
                 block.add(sample, starved)
         while self.hb.late:
             self._finish(*self.hb.late.popleft(), now=now, cpu=cpu)
+        self._expected_gap = self._next_wait(now, beat_time)
+        return self._expected_gap
 
-    def _finish(self, end_count: int, end: float, lag: float, *, now: float, cpu: float | None) -> None:
+    def _next_wait(self, now: float, beat_time: float) -> float:
+        if self._block is not None:
+            return self.poll_interval
+        due = beat_time + self.hb.interval + self.hb.threshold - now
+        return min(max(due, self.poll_interval), self.hb.threshold + self.hb.interval)
+
+    def _finish(self, end_count: int, end: float, lag: float, *, now: float, cpu: CpuReading | None) -> None:
         block = self._block
         if block is not None and end_count > block.count:
             self._block = None
         else:
             block = _Block(end_count - 1)
         cpu0 = self._cpu_before(end_count)
-        cpu_s = None if cpu is None or cpu0 is None else min(max(0.0, cpu - cpu0), lag)
+        cpu_s = demand_s = None
+        if cpu is not None and cpu0 is not None:
+            cpu_s = min(max(0.0, cpu[0] - cpu0[0]), lag)
+            demand_s = min(max(0.0, cpu[1] - cpu0[1]), lag)
         starved_s = sum(overlap(end - lag, end, a, b) for a, b in self._starved)
         profile = summarize(block.samples)
-        kind = classify(lag, cpu_s, starved_s, profile.importing)
+        kind = classify(lag, demand_s, starved_s, profile.importing)
         if kind == "gil":
             # Samples taken after the GIL came back show whatever runs then: keep only the call,
             # and only when the watchdog saw it on the loop before the GIL was taken.
@@ -135,7 +158,7 @@ class Detector:
         call = profile.call
         self.emit(self._event(kind, lag, cpu_s, now, end, profile.stack, call, block.taken, profile.module), call)
 
-    def _cpu_before(self, end_count: int) -> float | None:
+    def _cpu_before(self, end_count: int) -> CpuReading | None:
         """The loop thread's CPU time at the last beat before the block (the first one seen, if none)."""
         best = self._cpu_at[0][1]
         for count, cpu in self._cpu_at:
@@ -170,21 +193,36 @@ def thread_sampler(thread_id: int) -> Sampler:
     return sample
 
 
-def thread_cpu_clock(thread_id: int) -> CpuClock:
-    """The CPU time of one thread, where the platform can read it; None elsewhere."""
+def thread_cpu_clock(thread_id: int, native_id: int | None = None) -> CpuClock:
+    """CPU and demand seconds of one thread: Linux schedstat where readable, the thread's CPU clock elsewhere."""
+    schedstat = f"/proc/self/task/{native_id}/schedstat" if native_id is not None else None
+    if schedstat is not None and _read_schedstat(schedstat) is not None:
+        return lambda: _read_schedstat(schedstat)
     try:
         clock_id = time.pthread_getcpuclockid(thread_id)
         time.clock_gettime(clock_id)
     except (AttributeError, OSError):
         return lambda: None
 
-    def read() -> float | None:
+    def read() -> CpuReading | None:
         try:
-            return time.clock_gettime(clock_id)
+            cpu = time.clock_gettime(clock_id)
         except OSError:
             return None
+        return cpu, cpu
 
     return read
+
+
+def _read_schedstat(path: str) -> CpuReading | None:
+    """`/proc/.../schedstat`: nanoseconds on the CPU, nanoseconds runnable on a run queue, timeslices."""
+    try:
+        with open(path, "rb") as file:
+            running, waiting = file.read().split()[:2]
+        cpu = int(running) / 1e9
+        return cpu, cpu + int(waiting) / 1e9
+    except (OSError, ValueError):
+        return None
 
 
 class Watchdog:
@@ -211,17 +249,19 @@ class Watchdog:
         return self._thread.is_alive()
 
     def _run(self) -> None:
-        interval = self.detector.poll_interval
-        while not self._stop.wait(interval):
-            self._step()
+        wait = self.detector.poll_interval
+        while not self._stop.wait(wait):
+            wait = self._step()
         self._step()
 
-    def _step(self) -> None:
+    def _step(self) -> float:
         try:
-            self.detector.poll()
+            wait = self.detector.poll()
             self.housekeeping()
             self.steps += 1
+            return wait
         except Exception:
             self._failures += 1
             if self._failures <= 3 or self._failures % 1000 == 0:
                 logger.exception("loopwatch watchdog step failed (%d so far); it goes on", self._failures)
+            return self.detector.poll_interval

@@ -293,7 +293,11 @@ def instrument(server: Any, **options: Any) -> Handle:
     handle._install()
     from ._extensions import install_extensions
 
-    install_extensions(handle)
+    try:
+        install_extensions(handle)
+    except BaseException:
+        handle.uninstrument()  # a refused option or a missing extra leaves the server as it was
+        raise
     return handle
 
 

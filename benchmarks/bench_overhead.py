@@ -1,0 +1,79 @@
+"""Per-call cost of loopwatch on an in-memory round trip: wrapped against bare, interleaved in one run.
+
+    python benchmarks/bench_overhead.py [--rounds 30] [--calls 400]
+
+Each round opens an in-memory client on the bare server, then on the wrapped one (whose monitor, sentinel
+and watchdog thread start with the client, so their cost is in the figure), in alternating order, and
+times `calls` sequential tools/call round trips of a no-op async tool. Prints the median of the per-round
+ratios (target <= 1.03) and, for scale, the SDK's own OpenTelemetryMiddleware against no middleware.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import anyio
+from mcp import Client
+from mcp.server.mcpserver import MCPServer
+
+import loopwatch
+
+
+def make_server(name: str) -> MCPServer:
+    server = MCPServer(name)
+
+    @server.tool()
+    async def noop(n: int = 0) -> int:
+        return n
+
+    return server
+
+
+async def timed_round(server: MCPServer, calls: int) -> float:
+    async with Client(server) as client:
+        for _ in range(20):
+            await client.call_tool("noop", {"n": 1})
+        start = time.perf_counter()
+        for i in range(calls):
+            await client.call_tool("noop", {"n": i})
+        return (time.perf_counter() - start) / calls
+
+
+async def main(rounds: int, calls: int) -> None:
+    bare = make_server("bare")
+    core = make_server("core")
+    loopwatch.instrument(core, traces=False, log_blocks=False)
+    default = make_server("default")
+    loopwatch.instrument(default)
+    no_mw = make_server("no-middleware")
+    no_mw.middleware.clear()  # the SDK's OpenTelemetryMiddleware removed, for scale
+    servers = {"bare": bare, "core": core, "default": default, "none": no_mw}
+    for server in servers.values():  # warm-up, discarded: the first run of anything in a process is slow
+        await timed_round(server, calls)
+    times: dict[str, list[float]] = {name: [] for name in servers}
+    names = list(servers)
+    for index in range(rounds):
+        order = names[index % len(names) :] + names[: index % len(names)]  # rotate who goes first
+        for name in order:
+            times[name].append(await timed_round(servers[name], calls))
+    print(f"{rounds} rounds x {calls} sequential in-memory tools/call round trips, configurations rotated per round")
+    report("loopwatch core (traces=False) vs bare", times["bare"], times["core"])
+    report("loopwatch defaults vs bare", times["bare"], times["default"])
+    report("SDK OpenTelemetryMiddleware vs none", times["none"], times["bare"])
+
+
+def report(label: str, base: list[float], other: list[float]) -> None:
+    ratios = [o / b for b, o in zip(base, other, strict=True)]
+    q = statistics.quantiles(ratios, n=4)
+    print(f"{label:<40} per-call ratio median {statistics.median(ratios):.3f}  (quartiles {q[0]:.3f}-{q[2]:.3f})"
+          f"  {statistics.median(base) * 1e6:.0f} us -> {statistics.median(other) * 1e6:.0f} us")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--calls", type=int, default=400)
+    args = parser.parse_args()
+    anyio.run(main, args.rounds, args.calls)

@@ -8,7 +8,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
@@ -78,6 +78,12 @@ class Monitor:
         self.stop_hooks: list[Callable[[Monitor], None]] = []
         """Called on the loop thread when watching stops."""
         self.where: Callable[[str], str] = lambda tool: "loop"
+        self.start_hooks: list[Callable[[], None]] = []
+        """Called on the loop thread when watching starts (after the watchdog is up)."""
+        self.stop_hooks: list[Callable[[], None]] = []
+        """Called on the loop thread when watching stops (before the watchdog goes)."""
+        self.services: list[Callable[[], AbstractAsyncContextManager[Any]]] = []
+        """Async context managers entered on the loop for as long as it is watched."""
         self.started_at: float | None = None
         self.loop_thread_id: int | None = None
         self.backend: str | None = None
@@ -112,12 +118,16 @@ class Monitor:
                     self._refs -= 1
             return
         try:
-            async with anyio.create_task_group() as tg:
+            async with anyio.create_task_group() as tg, AsyncExitStack() as services:
                 heartbeat = self._start()
                 tg.start_soon(run_sentinel, heartbeat)
                 try:
+                    for service in list(self.services):
+                        await services.enter_async_context(service())
+                    self._run_hooks(self.start_hooks, "start")
                     yield self
                 finally:
+                    self._run_hooks(self.stop_hooks, "stop")
                     tg.cancel_scope.cancel()
         finally:
             self._stop()
@@ -144,6 +154,14 @@ class Monitor:
             steps = self.watchdog_steps + 2
             while self.watchdog_steps < steps and self._watchdog is not None:
                 await anyio.sleep(self.options.interval)
+
+    @staticmethod
+    def _run_hooks(hooks: list[Callable[[], None]], what: str) -> None:
+        for hook in list(hooks):
+            try:
+                hook()
+            except Exception:
+                logger.exception("loopwatch %s hook %r raised; the server goes on without it", what, hook)
 
     def _start(self) -> Heartbeat:
         opts = self.options

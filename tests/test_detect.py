@@ -18,7 +18,7 @@ async def run_beside(client, blocker: str, args: dict, honest: int = 8, honest_t
 
 
 def blamed_on(handle, tool):
-    return [e for e in handle.monitor.recent if getattr(e, "tool", None) == tool]
+    return [e for e in handle.monitor.recent if isinstance(e, loopwatch.BlockEvent) and e.tool == tool]
 
 
 async def test_a_blocking_tool_among_honest_calls_is_blamed_with_its_line_and_nobody_else_is(anyio_backend):
@@ -128,6 +128,6 @@ async def test_events_file_receives_one_json_line_per_block(tmp_path, anyio_back
         await client.call_tool("lookup", {"sku": "Z"})
         await settle(handle.monitor)
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    [line] = [x for x in lines if x["tool"] == "lookup"]
+    [line] = [x for x in lines if x["tool"] == "lookup" and x["event"] == "loop_blocked"]
     assert line["event"] == "loop_blocked" and line["kind"] == "wait"
     assert "arguments" not in line  # argument values stay out of reports unless asked for

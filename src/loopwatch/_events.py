@@ -103,7 +103,9 @@ class OffloadEvent:
         return data
 
     def describe(self) -> str:
-        return f"tool {self.tool} {self.action}: {self.reason} ({self.blocks} blocks)"
+        where = {"offloaded": "now runs off the loop", "restored": "runs on the loop again",
+                 "pinned": "is pinned to the loop"}[self.action]
+        return f"tool {self.tool} {where}: {self.reason} ({self.blocks} blocks so far)"
 
 
 Event = BlockEvent | OffloadEvent

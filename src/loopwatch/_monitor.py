@@ -73,10 +73,8 @@ class Monitor:
         """Called on the watchdog thread with each lag the sentinel measured."""
         self.block_hooks: list[Callable[[BlockEvent, CallRecord | None], None]] = []
         """Called on the watchdog thread with each block and the call it is blamed on."""
-        self.start_hooks: list[Callable[[Monitor], None]] = []
-        """Called on the loop thread when watching starts (the loop is running): keep them quick."""
-        self.stop_hooks: list[Callable[[Monitor], None]] = []
-        """Called on the loop thread when watching stops."""
+        self.blocking_hooks: list[Callable[[CallRecord, float], None]] = []
+        """Called on the watchdog thread while a block goes on: the call holding the loop, seconds so far."""
         self.where: Callable[[str], str] = lambda tool: "loop"
         self.start_hooks: list[Callable[[], None]] = []
         """Called on the loop thread when watching starts (after the watchdog is up)."""
@@ -173,6 +171,7 @@ class Monitor:
             cpu_clock=thread_cpu_clock(thread_id, threading.get_native_id()),
             sampler=thread_sampler(thread_id),
             emit=self._on_block,
+            blocking=self._on_blocking,
             include_arguments=opts.include_arguments,
         )
         self.heartbeat, self.loop_thread_id = heartbeat, thread_id
@@ -180,23 +179,13 @@ class Monitor:
         self.started_at = time.time()
         self._watchdog = Watchdog(detector, housekeeping=self.pump)
         self._watchdog.start()
-        self._call_hooks(self.start_hooks)
         return heartbeat
 
     def _stop(self) -> None:
-        self._call_hooks(self.stop_hooks)
         watchdog, self._watchdog = self._watchdog, None
         if watchdog is not None:
             watchdog.stop()
         self.pump()
-
-    def _call_hooks(self, hooks: list[Callable[[Monitor], None]]) -> None:
-        for hook in list(hooks):
-            try:
-                hook(self)
-            except Exception:
-                logger.exception("loopwatch lifecycle hook %r raised; it is removed", hook)
-                hooks.remove(hook)
 
     # -- events ----------------------------------------------------------------------------------
     def add_listener(self, listener: Listener) -> None:
@@ -218,13 +207,19 @@ class Monitor:
         if row is not None:
             row.blocks += 1
             row.blocked_s += event.duration_s
-        for hook in list(self.block_hooks):
-            try:
-                hook(event, call)
-            except Exception:
-                logger.exception("loopwatch block hook %r raised; it is removed", hook)
-                self.block_hooks.remove(hook)
+        self._run_call_hooks(self.block_hooks, event, call)
         self._dispatch(event)
+
+    def _on_blocking(self, call: CallRecord, elapsed: float) -> None:
+        self._run_call_hooks(self.blocking_hooks, call, elapsed)
+
+    def _run_call_hooks(self, hooks: list[Callable[..., None]], *args: Any) -> None:
+        for hook in list(hooks):
+            try:
+                hook(*args)
+            except Exception:
+                logger.exception("loopwatch hook %r raised; it is removed", hook)
+                hooks.remove(hook)
 
     def _dispatch(self, event: Event) -> None:
         self.recent.append(event)

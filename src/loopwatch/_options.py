@@ -20,7 +20,8 @@ class Options:
     """Seconds the loop may stall before it counts as blocked."""
     interval: float = 0.01
     """Seconds between sentinel beats; also the watchdog's sampling interval."""
-    offload: OffloadMode = "off"
+    offload: OffloadMode = "auto"
+    """auto: tools caught blocking the loop run their later calls off it."""
     events: str | None = None
     """Path of a JSON-lines file that receives every event."""
     log_blocks: bool = True

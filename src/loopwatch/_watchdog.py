@@ -34,6 +34,8 @@ class _Block:
     samples: list[Sample] = field(default_factory=list)
     honest_calls: list[CallRecord | None] = field(default_factory=list)
     taken: int = 0
+    votes: dict[int, int] = field(default_factory=dict)
+    announced: bool = False
 
     def add(self, sample: Sample, starved: bool) -> None:
         if len(self.samples) < MAX_SAMPLES:
@@ -43,6 +45,16 @@ class _Block:
         self.taken += 1
         if not starved:
             self.honest_calls.append(sample.call)
+        if sample.call is not None:
+            key = call_key(sample.call)
+            self.votes[key] = self.votes.get(key, 0) + 1
+
+    def holder(self) -> CallRecord | None:
+        """The call on the loop in at least two samples and most of them, while the block goes on."""
+        for key, votes in self.votes.items():
+            if votes >= 2 and votes * 2 > self.taken:
+                return next(s.call for s in reversed(self.samples) if s.call is not None and call_key(s.call) == key)
+        return None
 
 
 def classify(duration: float, demand_s: float | None, starved_s: float, importing: bool) -> BlockKind:
@@ -83,8 +95,11 @@ class Detector:
         cpu_clock: CpuClock = lambda: None,
         sampler: Sampler = lambda: None,
         emit: Callable[[BlockEvent, CallRecord | None], None] = lambda e, c: None,
+        blocking: Callable[[CallRecord, float], None] = lambda c, s: None,
         include_arguments: bool = False,
     ) -> None:
+        self.blocking = blocking
+        """Told once per block, while it goes on, which call holds the loop and for how long so far."""
         self.hb = heartbeat
         self.poll_interval = poll_interval
         self.clock, self.wall, self.cpu_clock, self.sampler, self.emit = clock, wall, cpu_clock, sampler, emit
@@ -123,10 +138,19 @@ class Detector:
             sample = self.sampler()
             if sample is not None:
                 block.add(sample, starved)
+                self._announce(block, now - beat_time - self.hb.interval)
         while self.hb.late:
             self._finish(*self.hb.late.popleft(), now=now, cpu=cpu)
         self._expected_gap = self._next_wait(now, beat_time)
         return self._expected_gap
+
+    def _announce(self, block: _Block, elapsed: float) -> None:
+        if block.announced:
+            return
+        holder = block.holder()
+        if holder is not None:
+            block.announced = True
+            self.blocking(holder, elapsed)
 
     def _next_wait(self, now: float, beat_time: float) -> float:
         if self._block is not None:

@@ -71,37 +71,55 @@ def _policies(text: str) -> dict[str, str]:
     return result
 
 
+_SWITCH: dict[str, Any] = {"type": _flag, "nargs": "?", "const": True, "default": False}
+
 # name, flags, kwargs: every option of `run`, each also read from LOOPWATCH_<NAME>.
 RUN_OPTIONS: list[tuple[str, tuple[str, ...], dict[str, Any]]] = [
     ("transport", ("--transport",), {"choices": TRANSPORTS, "default": "stdio"}),
     ("host", ("--host",), {"default": "127.0.0.1", "help": "interface for HTTP transports"}),
     ("port", ("--port",), {"type": _port, "default": 8000}),
     ("threshold", ("--threshold",), {"type": _seconds, "default": 0.1, "help": "seconds of stall that count"}),
-    ("offload", ("--offload",), {"choices": ("auto", "off"), "default": "off"}),
+    ("offload", ("--offload",), {"choices": ("auto", "off"), "default": "auto"}),
+    ("offload_state", ("--offload-state",), {"metavar": "FILE", "help": "remember offloaded tools across restarts"}),
+    ("tool_policies", ("--offload-policy",), {"type": _policies, "default": {}, "metavar": "TOOL=POLICY,...",
+                                              "help": "per tool: never (thread-affine), always, auto"}),
+    ("strikes", ("--offload-strikes",), {"type": _positive_int, "default": 1, "help": "blocks before a tool moves"}),
+    ("offload_workers", ("--offload-workers",), {"type": _positive_int, "default": 4,
+                                                 "help": "loop threads for offloaded tools"}),
     ("events", ("--events",), {"metavar": "FILE", "help": "append every event as a JSON line"}),
     ("include_arguments", ("--include-arguments",), {"type": _flag, "nargs": "?", "const": True, "default": False}),
+    ("monitor", ("--monitor",), {**_SWITCH, "help": "serve an aiomonitor console with lw- commands"}),
+    ("monitor_host", ("--monitor-host",), {"default": "127.0.0.1", "help": "console interface"}),
+    ("monitor_port", ("--monitor-port",), {"type": _port, "default": 20101, "help": "telnet; web UI +1, REPL +2"}),
+    ("monitor_console", ("--monitor-console",), {**_SWITCH, "help": "aiomonitor's Python REPL: runs any code"}),
+    ("monitor_allow_remote", ("--allow-remote-monitor",), {**_SWITCH, "help": "non-loopback console: no auth"}),
+    ("metrics_port", ("--metrics-port",), {"type": _port, "help": "serve Prometheus /metrics on this port"}),
+    ("metrics_host", ("--metrics-host",), {"default": "127.0.0.1", "help": "interface for --metrics-port"}),
+    ("metrics_path", ("--metrics-path",), {"metavar": "PATH", "help": "route on the HTTP app: /metrics"}),
 ]
 
 
-def _env_name(name: str) -> str:
-    return "LOOPWATCH_" + name.upper()
+def _env_name(flag: str) -> str:
+    """`--offload-policy` reads LOOPWATCH_OFFLOAD_POLICY."""
+    return "LOOPWATCH_" + flag.lstrip("-").replace("-", "_").upper()
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     for name, flags, kwargs in RUN_OPTIONS:
         kwargs = dict(kwargs)
-        env = os.environ.get(_env_name(name))
+        env_name = _env_name(flags[0])
+        env = os.environ.get(env_name)
         if env is not None:
             convert: Callable[[str], Any] = kwargs.get("type", str)
             try:
                 kwargs["default"] = convert(env)
             except argparse.ArgumentTypeError as exc:
-                raise UsageError(f"{_env_name(name)}={env}: {exc}") from None
+                raise UsageError(f"{env_name}={env}: {exc}") from None
             if "choices" in kwargs and kwargs["default"] not in kwargs["choices"]:
                 choices = ", ".join(kwargs["choices"])
-                raise UsageError(f"{_env_name(name)}={env}: expected one of {choices}")
+                raise UsageError(f"{env_name}={env}: expected one of {choices}")
         help_text = kwargs.pop("help", "")
-        env_help = f"(env {_env_name(name)}; default {kwargs.get('default')})"
+        env_help = f"(env {env_name}; default {kwargs.get('default')})"
         parser.add_argument(*flags, dest=name, help=f"{help_text} {env_help}".strip(), **kwargs)
 
 
@@ -146,8 +164,20 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "threshold": args.threshold,
         "offload": args.offload,
+        "offload_state": args.offload_state,
+        "tool_policies": args.tool_policies,
+        "strikes": args.strikes,
+        "offload_workers": args.offload_workers,
         "events": args.events,
         "include_arguments": args.include_arguments,
+        "monitor": args.monitor,
+        "monitor_host": args.monitor_host,
+        "monitor_port": args.monitor_port,
+        "monitor_console": args.monitor_console,
+        "monitor_allow_remote": args.monitor_allow_remote,
+        "metrics_port": args.metrics_port,
+        "metrics_host": args.metrics_host,
+        "metrics_path": args.metrics_path,
     }
 
 
@@ -158,6 +188,9 @@ def run_command(args: argparse.Namespace) -> int:
 
     try:
         server = load_target(args.target)
+        from .otel import configure_from_env  # after the import: a provider the program set is kept
+
+        configure_from_env(service_name=getattr(server, "name", None))
         handle = instrument(server, **run_options(args))
     except (TargetError, OptionError, OSError) as exc:
         if args.debug:

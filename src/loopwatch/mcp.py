@@ -44,6 +44,8 @@ class LoopwatchMiddleware:
         self.stats = monitor.stats
         self.tools = monitor.tools
         self.hooks: tuple[CallHook, ...] = ()
+        self.offloaded: dict[str, str] = {}
+        """Tools the offloader moved off the loop (shared with it)."""
 
     async def __call__(self, ctx: Any, call_next: Callable[[Any], Any]) -> Any:
         request_id = ctx.request_id
@@ -56,6 +58,8 @@ class LoopwatchMiddleware:
             row = self.stats.tool(label)
             raw = name[:TOOL_NAME_MAX] if isinstance(name, str) else None
             _lw_call = CallRecord(method, raw, request_id, ctx, label)
+            if label in self.offloaded:
+                _lw_call.execution = "thread"
         else:
             label = ""
             row = self.stats.method(method)

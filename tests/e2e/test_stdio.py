@@ -48,7 +48,8 @@ def read_events(path, timeout=15.0):
 
     deadline = time.monotonic() + timeout
     while True:
-        events = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        lines = path.read_text().splitlines() if path.exists() else []
+        events = [e for e in map(json.loads, lines) if e["event"] == "loop_blocked"]
         if {e.get("tool") for e in events} >= {"lookup", "checksum"} or time.monotonic() > deadline:
             return events
         time.sleep(0.05)

@@ -192,7 +192,7 @@ def run_command(args: argparse.Namespace) -> int:
 
         configure_from_env(service_name=getattr(server, "name", None))
         handle = instrument(server, **run_options(args))
-    except (TargetError, OptionError, OSError) as exc:
+    except (TargetError, OptionError, OSError, ImportError) as exc:  # ImportError: an extra is missing
         if args.debug:
             logger.exception("cannot start")
         print(f"loopwatch: {exc}", file=sys.stderr)

@@ -131,3 +131,12 @@ async def test_events_file_receives_one_json_line_per_block(tmp_path, anyio_back
     [line] = [x for x in lines if x["tool"] == "lookup" and x["event"] == "loop_blocked"]
     assert line["event"] == "loop_blocked" and line["kind"] == "wait"
     assert "arguments" not in line  # argument values stay out of reports unless asked for
+
+
+async def test_a_block_right_at_the_start_of_watching_is_not_lost(anyio_backend):
+    import time
+
+    async with loopwatch.watch(threshold=0.1, log_blocks=False) as monitor:
+        time.sleep(0.3)
+        await settle(monitor)
+    assert [e.kind for e in monitor.recent] == ["wait"]

@@ -160,3 +160,29 @@ async def test_monitoring_starts_with_the_server_and_stops_with_it(anyio_backend
         assert "loopwatch-watchdog" in {t.name for t in threading.enumerate()}
     assert not handle.monitor.active
     assert {t.name for t in threading.enumerate()} == before
+
+
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {}), ("trio", {})], ids=["asyncio", "trio"])
+async def test_what_the_server_raises_comes_out_unwrapped(anyio_backend):
+    from contextlib import asynccontextmanager
+
+    from mcp.server.mcpserver import MCPServer
+
+    class DatabaseDown(Exception):
+        pass
+
+    @asynccontextmanager
+    async def lifespan(server):
+        yield {}
+        raise DatabaseDown("lost the connection at shutdown")
+
+    server = MCPServer("raises", lifespan=lifespan)
+    loopwatch.instrument(server, log_blocks=False, traces=False)
+    with pytest.raises(DatabaseDown, match="lost the connection"):
+        async with client_for(server):
+            pass
+    async with loopwatch.watch(log_blocks=False):
+        pass
+    with pytest.raises(KeyError):
+        async with loopwatch.watch(log_blocks=False):
+            raise KeyError("mine")

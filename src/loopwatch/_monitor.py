@@ -115,15 +115,20 @@ class Monitor:
                 with self._lock:
                     self._refs -= 1
             return
+        raised: list[BaseException] = []
         try:
-            async with anyio.create_task_group() as tg, AsyncExitStack() as services:
+            async with _original_errors(raised), anyio.create_task_group() as tg, AsyncExitStack() as services:
                 heartbeat = self._start()
-                tg.start_soon(run_sentinel, heartbeat)
+                await tg.start(run_sentinel, heartbeat)
                 try:
                     for service in list(self.services):
                         await services.enter_async_context(service())
                     self._run_hooks(self.start_hooks, "start")
-                    yield self
+                    try:
+                        yield self
+                    except BaseException as exc:
+                        raised.append(exc)
+                        raise
                 finally:
                     self._run_hooks(self.stop_hooks, "stop")
                     tg.cancel_scope.cancel()
@@ -240,8 +245,8 @@ class Monitor:
         while lags:
             lag = lags.popleft()
             self.lag.add(lag)
-            for observe in self.lag_observers:
-                observe(lag)
+            if self.lag_observers:
+                self._run_call_hooks(self.lag_observers, lag)
 
     # -- reading ---------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -257,6 +262,21 @@ class Monitor:
             "recent_events": [e.to_dict() for e in list(self.recent)],
             "other_label": OTHER,
         }
+
+
+@asynccontextmanager
+async def _original_errors(raised: list[BaseException]) -> AsyncIterator[None]:
+    """What the watched code raised comes out as it was raised, not wrapped in our task groups' ExceptionGroups."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        target = raised[0] if raised else None
+        inner: BaseException = group
+        while inner is not target and isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+            inner = inner.exceptions[0]
+        if target is None or inner is not target:
+            raise
+        raise target from target.__cause__
 
 
 def _backend_name() -> str | None:

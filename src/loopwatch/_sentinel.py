@@ -12,6 +12,8 @@ from collections import deque
 from collections.abc import Callable
 
 import anyio
+from anyio import TASK_STATUS_IGNORED
+from anyio.abc import TaskStatus
 
 Clock = Callable[[], float]
 
@@ -36,10 +38,13 @@ class Heartbeat:
         self.beat = (count, now)
 
 
-async def run_sentinel(heartbeat: Heartbeat, clock: Clock = time.monotonic) -> None:
+async def run_sentinel(
+    heartbeat: Heartbeat, clock: Clock = time.monotonic, *, task_status: TaskStatus[None] = TASK_STATUS_IGNORED
+) -> None:
     interval = heartbeat.interval
     count, last = heartbeat.beat[0], clock()
     heartbeat.beat = (count, last)
+    task_status.started()  # the baseline is set before the caller goes on: no block at start-up is lost
     while True:
         await anyio.sleep(interval)
         now = clock()

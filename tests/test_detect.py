@@ -140,3 +140,23 @@ async def test_a_block_right_at_the_start_of_watching_is_not_lost(anyio_backend)
         time.sleep(0.3)
         await settle(monitor)
     assert [e.kind for e in monitor.recent] == ["wait"]
+
+
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
+async def test_a_watchdog_thread_that_dies_is_reported_and_replaced(anyio_backend, caplog):
+    import logging
+    import time
+
+    async with loopwatch.watch(threshold=0.1, log_blocks=False) as monitor:
+        first = monitor._watchdog
+        first._stop.set()  # the thread ends as if it had died...
+        first._thread.join(5)
+        first._stop.clear()  # ...without anyone having asked it to stop
+        with caplog.at_level(logging.ERROR, logger="loopwatch"), anyio.fail_after(10):
+            while monitor._watchdog is first:
+                await anyio.sleep(0.05)
+        assert monitor._watchdog.is_alive()
+        time.sleep(0.3)
+        await settle(monitor)
+    assert "watchdog thread died" in caplog.text
+    assert [e.kind for e in monitor.recent] == ["wait"]

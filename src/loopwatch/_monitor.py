@@ -119,7 +119,7 @@ class Monitor:
         try:
             async with _original_errors(raised), anyio.create_task_group() as tg, AsyncExitStack() as services:
                 heartbeat = self._start()
-                await tg.start(run_sentinel, heartbeat)
+                await tg.start(run_sentinel, heartbeat, time.monotonic, self._check_watchdog)
                 try:
                     for service in list(self.services):
                         await services.enter_async_context(service())
@@ -185,6 +185,15 @@ class Monitor:
         self._watchdog = Watchdog(detector, housekeeping=self.pump)
         self._watchdog.start()
         return heartbeat
+
+    def _check_watchdog(self) -> None:
+        """On the loop, about once a second: a watchdog thread that died is reported and replaced."""
+        watchdog = self._watchdog
+        if watchdog is None or watchdog.is_alive() or watchdog.stopping:
+            return
+        logger.error("loopwatch watchdog thread died; starting a new one (blocks during the gap were missed)")
+        self._watchdog = Watchdog(watchdog.detector, housekeeping=self.pump)
+        self._watchdog.start()
 
     def _stop(self) -> None:
         watchdog, self._watchdog = self._watchdog, None

@@ -38,8 +38,16 @@ class Heartbeat:
         self.beat = (count, now)
 
 
+CHECK_EVERY = 100
+"""Beats between calls of the sentinel's `check` (about a second at 10 ms)."""
+
+
 async def run_sentinel(
-    heartbeat: Heartbeat, clock: Clock = time.monotonic, *, task_status: TaskStatus[None] = TASK_STATUS_IGNORED
+    heartbeat: Heartbeat,
+    clock: Clock = time.monotonic,
+    check: Callable[[], None] | None = None,
+    *,
+    task_status: TaskStatus[None] = TASK_STATUS_IGNORED,
 ) -> None:
     interval = heartbeat.interval
     count, last = heartbeat.beat[0], clock()
@@ -51,3 +59,5 @@ async def run_sentinel(
         count += 1
         heartbeat.record(count, now, max(0.0, now - last - interval))
         last = now
+        if check is not None and count % CHECK_EVERY == 0:
+            check()

@@ -4,11 +4,12 @@ import json
 import threading
 
 import anyio
+import anyio.lowlevel
 import pytest
+from helpers import client_for, fresh
 from mcp import Client
 
 import loopwatch
-from helpers import client_for, fresh
 
 pytestmark = pytest.mark.anyio
 
@@ -187,7 +188,7 @@ async def test_manual_policy_changes_are_events(anyio_backend):
     server, handle = wrapped()
     handle.set_tool_policy("lookup", "always")
     handle.set_tool_policy("lookup", "auto")
-    await anyio.sleep(0)
+    await anyio.lowlevel.checkpoint()
     handle.monitor.pump()
     assert [(e.tool, e.action) for e in events_of(handle, "offloaded")] == [("lookup", "offloaded"), ("lookup", "restored")]
     off, off_handle = wrapped(offload="off")

@@ -158,7 +158,8 @@ class JsonLinesWriter:
                     out.write(line)
             except OSError as exc:
                 if not self._failed:
-                    logger.error("loopwatch cannot write events to %s: %s (further failures are silent)", self.path, exc)
+                    logger.error("loopwatch cannot write events to %s: %s (further failures are silent)",
+                                 self.path, exc)
                 self._failed = True
                 return
             if self._failed:

@@ -142,7 +142,7 @@ class Monitor:
         """How many polls the watchdog has completed (0 when not running)."""
         return self._watchdog.steps if self._watchdog is not None else 0
 
-    async def settle(self, beats: int = 3, timeout: float = 10.0) -> None:
+    async def settle(self, beats: int = 3, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         """Wait until blocks that already ended are reported: a few beats, then two watchdog polls.
 
         For tests and tools: bounded by `timeout`, and it never blocks the loop.
@@ -152,10 +152,10 @@ class Monitor:
             return
         with anyio.fail_after(timeout):
             target = heartbeat.beat[0] + beats
-            while heartbeat.beat[0] < target:
+            while heartbeat.beat[0] < target:  # noqa: ASYNC110 - other threads move these counters
                 await anyio.sleep(self.options.interval)
             steps = self.watchdog_steps + 2
-            while self.watchdog_steps < steps and self._watchdog is not None:
+            while self.watchdog_steps < steps and self._watchdog is not None:  # noqa: ASYNC110
                 await anyio.sleep(self.options.interval)
 
     @staticmethod

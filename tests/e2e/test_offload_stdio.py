@@ -6,9 +6,8 @@ import sys
 
 import anyio
 import pytest
-from mcp import Client, StdioServerParameters
-
 from helpers import FIXTURES
+from mcp import Client, StdioServerParameters
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 SERVER = FIXTURES / "offload_server.py"

@@ -1,4 +1,4 @@
-"""`loopwatch demo`: run the bundled server under `loopwatch run`, drive it with a real MCP client, show what happens."""
+"""`loopwatch demo`: run the bundled server under `loopwatch run`, drive it with a real MCP client, show it all."""
 
 from __future__ import annotations
 
@@ -56,6 +56,10 @@ async def wait_for_events(path: Path, predicate, timeout: float = 5.0) -> list[d
         while not any(predicate(e) for e in read_events(path)):
             await anyio.sleep(0.05)
     return [e for e in read_events(path) if predicate(e)]
+
+
+def is_move(event: dict, tool: str) -> bool:
+    return event.get("event") == "offloaded" and event.get("tool") == tool
 
 
 def is_block(event: dict, tool: str) -> bool:
@@ -127,15 +131,17 @@ async def drive(events: Path, log: Path, quick: bool) -> int:
                     say(f"                   at {where(event)}")
                 if not blocks:
                     say("  loopwatch found no block this time (the machine may be too fast for this threshold)")
-                moved = await wait_for_events(events, lambda e, n=name: e.get("event") == "offloaded" and e["tool"] == n, 1)
+                moved = await wait_for_events(events, lambda e, n=name: is_move(e, n), 1)
                 if moved:
                     again = await honest_round(client, (name, args))
                     await anyio.sleep(0.3)
                     blocked_again = len([e for e in read_events(events) if is_block(e, name)]) > len(blocks)
+                    loop_state = "blocked again" if blocked_again else "not blocked"
                     say(f"  loopwatch moved {name} off the loop; the same calls again: honest p99 "
-                        f"{ms(percentile(again, .99)).strip()}, loop {'blocked again' if blocked_again else 'not blocked'}")
+                        f"{ms(percentile(again, .99)).strip()}, loop {loop_state}")
                     if name == "fingerprint":
-                        say("                   (pure-Python crunching holds the GIL: a thread shares it; a process would not)")
+                        say("                   (pure-Python crunching holds the GIL: a thread shares it, "
+                            "a process would not)")
                 elif name == "export_formats":
                     say("  (an import blocks once: the module is cached after that)")
                 say("")

@@ -240,3 +240,14 @@ async def test_a_fastmcp_tool_moves_and_its_context_still_reports_progress(anyio
     assert seen == [0, 2]
     assert len([e for e in events_of(handle, "loop_blocked") if e.tool == "lookup"]) == 1
     assert handle.snapshot()["tools"]["lookup"]["executes"] == "thread"
+
+
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
+async def test_an_import_on_the_loop_is_reported_but_moves_nothing(anyio_backend):
+    server = fresh("inventory_server", "mcp")
+    handle = loopwatch.instrument(server, threshold=0.1, log_blocks=False, traces=False)
+    async with client_for(server) as client:
+        await client.call_tool("report", {})
+        await handle.monitor.settle()
+    assert [e.kind for e in events_of(handle, "loop_blocked") if e.tool == "report"] == ["import"]
+    assert events_of(handle, "offloaded") == []

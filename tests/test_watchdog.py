@@ -182,6 +182,26 @@ def test_a_crunch_preempted_by_a_busy_machine_is_still_a_cpu_block():
     assert event.cpu_s < 0.15  # cpu_s reports real CPU time, not demand
 
 
+def test_a_crunch_then_a_sleep_with_no_beat_between_is_the_kind_of_the_stack_reported():
+    w = World()
+    w.healthy()
+    start = w.now
+    crunch = Sample((("/app/server.py", 30, "warm_cache"),), call("lookup"))
+    sleep = Sample(TOOL_STACK, call("lookup"))
+    while w.now < start + 0.5 - 1e-9:
+        w.now += 0.01
+        busy = w.now < start + 0.2
+        w.cpu += 0.01 if busy else 0.0002
+        w.sample = crunch if busy else sleep
+        w.detector.poll()
+    w.now += 0.01
+    w.beat(lag=0.5)
+    w.healthy(0.03)
+    [(event, _)] = w.events
+    assert [f.line for f in event.frames] == [15, 8]  # the sleep holds most of the block...
+    assert event.kind == "wait"  # ...so the kind is the sleep's, though the block as a whole was 40% CPU
+
+
 def test_without_a_cpu_clock_the_kind_is_unknown():
     assert classify(0.3, None, 0.0, importing=False) == "unknown"
 

@@ -73,8 +73,9 @@ class Monitor:
         """Called on the watchdog thread with each lag the sentinel measured."""
         self.block_hooks: list[Callable[[BlockEvent, CallRecord | None], None]] = []
         """Called on the watchdog thread with each block and the call it is blamed on."""
-        self.blocking_hooks: list[Callable[[CallRecord, float], None]] = []
-        """Called on the watchdog thread while a block goes on: the call holding the loop, seconds so far."""
+        self.blocking_hooks: list[Callable[[CallRecord, float, bool], None]] = []
+        """Called on the watchdog thread while a block goes on: the call holding the loop, seconds so far,
+        and whether it is importing."""
         self.where: Callable[[str], str] = lambda tool: "loop"
         self.start_hooks: list[Callable[[], None]] = []
         """Called on the loop thread when watching starts (after the watchdog is up)."""
@@ -224,8 +225,8 @@ class Monitor:
         self._run_call_hooks(self.block_hooks, event, call)
         self._dispatch(event)
 
-    def _on_blocking(self, call: CallRecord, elapsed: float) -> None:
-        self._run_call_hooks(self.blocking_hooks, call, elapsed)
+    def _on_blocking(self, call: CallRecord, elapsed: float, importing: bool) -> None:
+        self._run_call_hooks(self.blocking_hooks, call, elapsed, importing)
 
     def _run_call_hooks(self, hooks: list[Callable[..., None]], *args: Any) -> None:
         for hook in list(hooks):

@@ -362,11 +362,14 @@ class Offloader:
         return lambda tool: "thread" if tool in self.offloaded else base(tool)
 
     # decisions (watchdog thread, or the console)
-    def on_blocking(self, call: Any, elapsed: float) -> None:
+    def on_blocking(self, call: Any, elapsed: float, importing: bool) -> None:
         """While a block goes on: the strike counts now, so the very next call can already move."""
-        self._strike(call, time.time(), f"blocking the loop ({elapsed * 1000:.0f} ms so far)")
+        if not importing:  # an import blocks once: the module is cached after that
+            self._strike(call, time.time(), f"blocking the loop ({elapsed * 1000:.0f} ms so far)")
 
     def on_block(self, event: BlockEvent, call: Any) -> None:
+        if event.kind == "import":
+            return
         reason = f"blocked the loop {event.duration_s * 1000:.0f} ms [{event.kind}]"
         if event.kind == "cpu":
             reason += "; a thread helps only while the GIL is released"

@@ -13,8 +13,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from ._blame import CallRecord, Sample, call_key, culprit_frame, sample_frame, summarize
+from ._blame import CallRecord, Sample, call_key, culprit_frame, is_import, sample_frame, summarize
 from ._events import BlockEvent, BlockKind
 from ._sentinel import Clock, Heartbeat
 
@@ -36,6 +37,19 @@ class _Block:
     taken: int = 0
     votes: dict[int, int] = field(default_factory=dict)
     announced: bool = False
+    last: tuple[float, float] | None = None
+    """(time, demand) at the previous sample."""
+    spent: dict[tuple[Any, ...], list[float]] = field(default_factory=dict)
+    """Per stack: [seconds of wall time, seconds of CPU demand] between the previous sample and this one."""
+
+    def account(self, stack: tuple[Any, ...], now: float, demand: float | None) -> None:
+        if demand is not None and self.last is not None:
+            wall, used = now - self.last[0], demand - self.last[1]
+            if len(self.spent) < MAX_SAMPLES:
+                entry = self.spent.setdefault(stack, [0.0, 0.0])
+                entry[0] += wall
+                entry[1] += used
+        self.last = (now, demand) if demand is not None else None
 
     def add(self, sample: Sample, starved: bool) -> None:
         if len(self.samples) < MAX_SAMPLES:
@@ -95,11 +109,12 @@ class Detector:
         cpu_clock: CpuClock = lambda: None,
         sampler: Sampler = lambda: None,
         emit: Callable[[BlockEvent, CallRecord | None], None] = lambda e, c: None,
-        blocking: Callable[[CallRecord, float], None] = lambda c, s: None,
+        blocking: Callable[[CallRecord, float, bool], None] = lambda c, s, i: None,
         include_arguments: bool = False,
     ) -> None:
         self.blocking = blocking
-        """Told once per block, while it goes on, which call holds the loop and for how long so far."""
+        """Told once per block, while it goes on: the call holding the loop, seconds so far, and whether the
+        samples so far are inside an import."""
         self.hb = heartbeat
         self.poll_interval = poll_interval
         self.clock, self.wall, self.cpu_clock, self.sampler, self.emit = clock, wall, cpu_clock, sampler, emit
@@ -138,6 +153,7 @@ class Detector:
             sample = self.sampler()
             if sample is not None:
                 block.add(sample, starved)
+                block.account(sample.stack, now, cpu[1] if cpu is not None else None)
                 self._announce(block, now - beat_time - self.hb.interval)
         while self.hb.late:
             self._finish(*self.hb.late.popleft(), now=now, cpu=cpu)
@@ -150,7 +166,8 @@ class Detector:
         holder = block.holder()
         if holder is not None:
             block.announced = True
-            self.blocking(holder, elapsed)
+            importing = sum(1 for s in block.samples if is_import(s.stack)) * 2 > len(block.samples)
+            self.blocking(holder, elapsed, importing)
 
     def _next_wait(self, now: float, beat_time: float) -> float:
         if self._block is not None:
@@ -172,6 +189,7 @@ class Detector:
         starved_s = sum(overlap(end - lag, end, a, b) for a, b in self._starved)
         profile = summarize(block.samples)
         kind = classify(lag, demand_s, starved_s, profile.importing)
+        kind = self._kind_of_hottest(block, kind)
         if kind == "gil":
             # Samples taken after the GIL came back show whatever runs then: keep only the call,
             # and only when the watchdog saw it on the loop before the GIL was taken.
@@ -181,6 +199,16 @@ class Detector:
             return
         call = profile.call
         self.emit(self._event(kind, lag, cpu_s, now, end, profile.stack, call, block.taken, profile.module), call)
+
+    @staticmethod
+    def _kind_of_hottest(block: _Block, kind: BlockKind) -> BlockKind:
+        """A block can be two in a row (an import, then a sleep): the kind follows the stack reported."""
+        if kind not in ("cpu", "wait") or not block.spent:
+            return kind
+        wall, used = max(block.spent.values(), key=lambda spent: spent[0])
+        if wall <= 0 or wall * 2 < sum(w for w, _ in block.spent.values()):
+            return kind  # no stack holds most of the block: the whole block's share decides
+        return "cpu" if used >= CPU_SHARE * wall else "wait"
 
     def _cpu_before(self, end_count: int) -> CpuReading | None:
         """The loop thread's CPU time at the last beat before the block (the first one seen, if none)."""

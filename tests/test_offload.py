@@ -251,3 +251,35 @@ async def test_an_import_on_the_loop_is_reported_but_moves_nothing(anyio_backend
         await handle.monitor.settle()
     assert [e.kind for e in events_of(handle, "loop_blocked") if e.tool == "report"] == ["import"]
     assert events_of(handle, "offloaded") == []
+
+
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
+async def test_a_block_outside_the_tools_own_code_is_reported_but_moves_nothing(anyio_backend):
+    import time
+
+    server, handle = wrapped()
+
+    async def slow_error_logging(ctx, call_next):  # like a framework rendering a traceback on the loop
+        result = await call_next(ctx)
+        if ctx.method == "tools/call":
+            time.sleep(0.25)
+        return result
+
+    server.middleware.append(slow_error_logging)
+    async with client_for(server) as client:
+        await client.call_tool("ping", {"n": 1})
+        await handle.monitor.settle()
+    [block] = [e for e in events_of(handle, "loop_blocked") if e.tool == "ping"]
+    assert block.culprit.function == "slow_error_logging"
+    assert events_of(handle, "offloaded") == []
+
+
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
+async def test_a_state_file_and_an_always_policy_move_a_tool_once(anyio_backend, tmp_path):
+    state = tmp_path / "offload.json"
+    server, handle = wrapped(offload_state=str(state), tool_policies={"lookup": "always"})
+    handle.monitor.pump()
+    server2, handle2 = wrapped(offload_state=str(state), tool_policies={"lookup": "always"})
+    handle2.monitor.pump()
+    assert [e.reason for e in events_of(handle2, "offloaded")] == ["learned earlier: policy always"]
+    assert json.loads(state.read_text())["offloaded"] == {"lookup": "learned earlier: policy always"}

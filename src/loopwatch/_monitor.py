@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -73,9 +75,9 @@ class Monitor:
         """Called on the watchdog thread with each lag the sentinel measured."""
         self.block_hooks: list[Callable[[BlockEvent, CallRecord | None], None]] = []
         """Called on the watchdog thread with each block and the call it is blamed on."""
-        self.blocking_hooks: list[Callable[[CallRecord, float, bool], None]] = []
+        self.blocking_hooks: list[Callable[[CallRecord, float, bool, tuple[Any, ...]], None]] = []
         """Called on the watchdog thread while a block goes on: the call holding the loop, seconds so far,
-        and whether it is importing."""
+        whether it is importing, and the latest sampled stack."""
         self.where: Callable[[str], str] = lambda tool: "loop"
         self.start_hooks: list[Callable[[], None]] = []
         """Called on the loop thread when watching starts (after the watchdog is up)."""
@@ -183,7 +185,7 @@ class Monitor:
         self.heartbeat, self.loop_thread_id = heartbeat, thread_id
         self.backend = _backend_name()
         self.started_at = time.time()
-        self._watchdog = Watchdog(detector, housekeeping=self.pump)
+        self._watchdog = Watchdog(detector, housekeeping=self.pump, watched=_loop_watched())
         self._watchdog.start()
         return heartbeat
 
@@ -193,7 +195,7 @@ class Monitor:
         if watchdog is None or watchdog.is_alive() or watchdog.stopping:
             return
         logger.error("loopwatch watchdog thread died; starting a new one (blocks during the gap were missed)")
-        self._watchdog = Watchdog(watchdog.detector, housekeeping=self.pump)
+        self._watchdog = Watchdog(watchdog.detector, housekeeping=self.pump, watched=watchdog.watched)
         self._watchdog.start()
 
     def _stop(self) -> None:
@@ -225,8 +227,8 @@ class Monitor:
         self._run_call_hooks(self.block_hooks, event, call)
         self._dispatch(event)
 
-    def _on_blocking(self, call: CallRecord, elapsed: float, importing: bool) -> None:
-        self._run_call_hooks(self.blocking_hooks, call, elapsed, importing)
+    def _on_blocking(self, call: CallRecord, elapsed: float, importing: bool, stack: tuple[Any, ...]) -> None:
+        self._run_call_hooks(self.blocking_hooks, call, elapsed, importing, stack)
 
     def _run_call_hooks(self, hooks: list[Callable[..., None]], *args: Any) -> None:
         for hook in list(hooks):
@@ -287,6 +289,24 @@ async def _original_errors(raised: list[BaseException]) -> AsyncIterator[None]:
         if target is None or inner is not target:
             raise
         raise target from target.__cause__
+
+
+def _loop_watched() -> Callable[[], bool]:
+    """On the loop thread: whether this loop still exists, for a watchdog whose watch nobody ended.
+
+    A loop stopped and closed with the watch still on (`run_until_complete` interrupted, then `close()`)
+    never runs the monitor's exit; its watchdog would poll a stale beat forever.
+    """
+    thread = threading.current_thread()
+    try:
+        loop: Any = asyncio.get_running_loop()
+    except RuntimeError:  # trio: its run always ends the watch on the way out
+        return thread.is_alive
+    try:
+        ref: Callable[[], Any] = weakref.ref(loop)
+    except TypeError:  # a loop type without weak references
+        ref = lambda: loop  # noqa: E731
+    return lambda: thread.is_alive() and (current := ref()) is not None and not current.is_closed()
 
 
 def _backend_name() -> str | None:

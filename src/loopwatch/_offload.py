@@ -327,10 +327,10 @@ class Offloader:
         self.handle.middleware.offloaded = self.offloaded
         if self._kind == "lowlevel":
             self._wrap_lowlevel_handler()
+        self._load_state()
         for tool, policy in self.policies.items():
             if policy == "always":
                 self._offload(tool, "policy always", blocks=0)
-        self._load_state()
         return self
 
     def close(self) -> None:
@@ -362,10 +362,11 @@ class Offloader:
         return lambda tool: "thread" if tool in self.offloaded else base(tool)
 
     # decisions (watchdog thread, or the console)
-    def on_blocking(self, call: Any, elapsed: float, importing: bool) -> None:
+    def on_blocking(self, call: Any, elapsed: float, importing: bool, stack: tuple[Any, ...]) -> None:
         """While a block goes on: the strike counts now, so the very next call can already move."""
         if not importing:  # an import blocks once: the module is cached after that
-            self._strike(call, time.time(), f"blocking the loop ({elapsed * 1000:.0f} ms so far)")
+            where = [(file, function) for file, _, function in stack]
+            self._strike(call, time.time(), f"blocking the loop ({elapsed * 1000:.0f} ms so far)", where)
 
     def on_block(self, event: BlockEvent, call: Any) -> None:
         if event.kind == "import":
@@ -373,12 +374,14 @@ class Offloader:
         reason = f"blocked the loop {event.duration_s * 1000:.0f} ms [{event.kind}]"
         if event.kind == "cpu":
             reason += "; a thread helps only while the GIL is released"
-        self._strike(call, event.time, reason)
+        self._strike(call, event.time, reason, [(f.file, f.function) for f in event.frames])
 
-    def _strike(self, call: Any, when: float, reason: str) -> None:
+    def _strike(self, call: Any, when: float, reason: str, where: list[tuple[str, str]]) -> None:
         if call is None or call.method != "tools/call" or not call.label or call.label != call.tool:
             return
         tool = call.label
+        if where and not self._in_tool_code(tool, where):
+            return  # the time went elsewhere (say, the framework logging the tool's error): moving can't help
         with self._lock:
             key = call_key(call)
             if key in self._counted:
@@ -404,6 +407,8 @@ class Offloader:
                 self._restore(tool, f"{reason}: policy {policy}")
 
     def _offload(self, tool: str, reason: str, blocks: int) -> None:
+        if tool in self.offloaded:
+            return
         if not self._can_move(tool):
             logger.info("loopwatch: tool %s stays on the loop: %s", tool, "not a tool loopwatch can move")
             return
@@ -451,6 +456,22 @@ class Offloader:
                 self._pin(tool, f"bound to the server's loop ({type(exc).__name__}: {exc})")
                 return await _call(fn, _unbridge(args), _unbridge_kw(kwargs))
             raise
+
+    def _in_tool_code(self, tool: str, where: list[tuple[str, str]]) -> bool:
+        """Whether a sampled stack runs through the code that offload would move: the tool's function."""
+        code = _code_of(self._tool_callable(tool))
+        if code is None:
+            return True  # can't tell: let the block count
+        return (code.co_filename, code.co_name) in where
+
+    def _tool_callable(self, tool: str) -> Any:
+        if tool in self._swapped:
+            return self._swapped[tool][2]
+        if self._kind == "lowlevel":
+            entry = self._lowlevel_original or self._lowlevel()._request_handlers.get("tools/call")
+            return getattr(entry, "handler", None)
+        found = self._find_tool(tool)
+        return getattr(found, "fn", None)
 
     # server kinds
     def _can_move(self, tool: str) -> bool:
@@ -564,6 +585,13 @@ class Offloader:
             "workers_in_use": self.pool.in_use,
             "workers": self.pool.size,
         }
+
+
+def _code_of(fn: Any) -> Any:
+    try:
+        return getattr(inspect.unwrap(fn), "__code__", None) if fn is not None else None
+    except ValueError:
+        return None
 
 
 def _server_kind(server: Any) -> str:

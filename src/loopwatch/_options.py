@@ -10,6 +10,9 @@ OffloadMode = Literal["auto", "off"]
 ToolPolicy = Literal["auto", "never", "always"]
 
 
+MAX_THRESHOLD = 3600.0
+
+
 class OptionError(ValueError):
     """An option value loopwatch cannot use; the message says which and why."""
 
@@ -57,6 +60,11 @@ class Options:
         _positive("threshold", self.threshold)
         _positive("interval", self.interval)
         _positive("strike_window", self.strike_window)
+        if self.threshold < self.interval:
+            raise OptionError(f"threshold must be at least the sentinel's interval ({self.interval} s), "
+                              f"not {self.threshold!r}")
+        if self.threshold > MAX_THRESHOLD:
+            raise OptionError(f"threshold must be at most {MAX_THRESHOLD:.0f} s, not {self.threshold!r}")
         if self.offload not in ("auto", "off"):
             raise OptionError(f"offload must be 'auto' or 'off', not {self.offload!r}")
         for name in ("max_tools", "recent_events", "strikes", "offload_workers"):

@@ -33,7 +33,8 @@ CPU_SHARE = 0.5
 class _Block:
     count: int
     samples: list[Sample] = field(default_factory=list)
-    honest_calls: list[CallRecord | None] = field(default_factory=list)
+    honest_calls: dict[int, CallRecord | None] = field(default_factory=dict)
+    """The calls seen in samples the watchdog took on time, by call key: bounded however long the block."""
     taken: int = 0
     votes: dict[int, int] = field(default_factory=dict)
     announced: bool = False
@@ -58,7 +59,7 @@ class _Block:
             self.samples[self.taken % MAX_SAMPLES] = sample
         self.taken += 1
         if not starved:
-            self.honest_calls.append(sample.call)
+            self.honest_calls[call_key(sample.call) if sample.call is not None else 0] = sample.call
         if sample.call is not None:
             key = call_key(sample.call)
             self.votes[key] = self.votes.get(key, 0) + 1
@@ -109,12 +110,12 @@ class Detector:
         cpu_clock: CpuClock = lambda: None,
         sampler: Sampler = lambda: None,
         emit: Callable[[BlockEvent, CallRecord | None], None] = lambda e, c: None,
-        blocking: Callable[[CallRecord, float, bool], None] = lambda c, s, i: None,
+        blocking: Callable[[CallRecord, float, bool, tuple[Any, ...]], None] = lambda c, s, i, st: None,
         include_arguments: bool = False,
     ) -> None:
         self.blocking = blocking
-        """Told once per block, while it goes on: the call holding the loop, seconds so far, and whether the
-        samples so far are inside an import."""
+        """Told once per block, while it goes on: the call holding the loop, seconds so far, whether the
+        samples so far are inside an import, and the latest sampled stack (raw frames, outermost first)."""
         self.hb = heartbeat
         self.poll_interval = poll_interval
         self.clock, self.wall, self.cpu_clock, self.sampler, self.emit = clock, wall, cpu_clock, sampler, emit
@@ -167,7 +168,7 @@ class Detector:
         if holder is not None:
             block.announced = True
             importing = sum(1 for s in block.samples if is_import(s.stack)) * 2 > len(block.samples)
-            self.blocking(holder, elapsed, importing)
+            self.blocking(holder, elapsed, importing, block.samples[-1].stack)
 
     def _next_wait(self, now: float, beat_time: float) -> float:
         if self._block is not None:
@@ -193,7 +194,7 @@ class Detector:
         if kind == "gil":
             # Samples taken after the GIL came back show whatever runs then: keep only the call,
             # and only when the watchdog saw it on the loop before the GIL was taken.
-            calls = {call_key(c): c for c in block.honest_calls if c is not None}
+            calls = {key: c for key, c in block.honest_calls.items() if c is not None}
             call = next(iter(calls.values())) if len(calls) == 1 else None
             self.emit(self._event(kind, lag, cpu_s, now, end, (), call, block.taken, None), call)
             return
@@ -280,9 +281,16 @@ def _read_schedstat(path: str) -> CpuReading | None:
 class Watchdog:
     """A daemon thread that polls the detector and runs housekeeping. It never waits on the loop."""
 
-    def __init__(self, detector: Detector, housekeeping: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        detector: Detector,
+        housekeeping: Callable[[], None] = lambda: None,
+        watched: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.detector = detector
         self.housekeeping = housekeeping
+        self.watched = watched
+        """False once the watched loop is gone (closed, or its thread ended) though nobody stopped the watch."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="loopwatch-watchdog", daemon=True)
         self._failures = 0
@@ -307,6 +315,9 @@ class Watchdog:
     def _run(self) -> None:
         wait = self.detector.poll_interval
         while not self._stop.wait(wait):
+            if not self.watched():
+                logger.warning("loopwatch: the watched loop closed without ending the watch; the watchdog stops")
+                break
             wait = self._step()
         self._step()
 

@@ -478,7 +478,7 @@ class BlockEvidence:
         )
         blocked.end(end_time=start + round(event.duration_s * 1e9))
 
-    def on_blocking(self, call: CallRecord, elapsed: float, importing: bool) -> None:
+    def on_blocking(self, call: CallRecord, elapsed: float, importing: bool, stack: object = ()) -> None:
         """While a block goes on: an offload decision it causes belongs on this call's span."""
         if call.span is not None and call.tool:
             self._remember(call.tool, call.span)

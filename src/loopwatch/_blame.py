@@ -245,6 +245,13 @@ def is_framework(file: str, _cache: dict[str, bool] = {}) -> bool:  # noqa: B006
     return known
 
 
+def is_application(file: str) -> bool:
+    """Code of the project being watched: not the standard library, not an installed package."""
+    if file.startswith("<") or _package_of(file) is not None and _DEMO not in file:
+        return False
+    return _DEMO in file or not file.startswith(_stdlib_dirs() + _framework_dirs())
+
+
 def culprit_frame(stack: Sequence[Frame]) -> Frame | None:
     """The frame of the application that led to the leaf: the entry of the innermost block of app frames."""
     import_at = _import_statement(stack)

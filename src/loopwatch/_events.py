@@ -79,9 +79,16 @@ class BlockEvent:
 
 
 def _where_frames(frames: tuple[Frame, ...], culprit: Frame | None) -> list[Frame]:
+    """The leaf; the innermost application line on the way there, when the leaf is a library's; the culprit."""
+    from ._blame import is_application
+
     leaf = frames[-1]
     parts = [leaf]
-    if culprit is not None and culprit != leaf:
+    if not is_application(leaf.file):
+        inner = next((f for f in reversed(frames) if is_application(f.file)), None)
+        if inner is not None and inner != culprit:
+            parts.append(inner)
+    if culprit is not None and culprit not in parts:
         parts.append(culprit)
     return parts
 

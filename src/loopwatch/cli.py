@@ -71,15 +71,16 @@ def _policies(text: str) -> dict[str, str]:
     return result
 
 
-_SWITCH: dict[str, Any] = {"type": _flag, "nargs": "?", "const": True, "default": False}
+_SWITCH: dict[str, Any] = {"type": _flag, "nargs": "?", "const": True, "default": False, "metavar": "yes|no"}
 
 # name, flags, kwargs: every option of `run`, each also read from LOOPWATCH_<NAME>.
 RUN_OPTIONS: list[tuple[str, tuple[str, ...], dict[str, Any]]] = [
-    ("transport", ("--transport",), {"choices": TRANSPORTS, "default": "stdio"}),
+    ("transport", ("--transport",), {"choices": TRANSPORTS, "default": "stdio", "help": "how clients connect"}),
     ("host", ("--host",), {"default": "127.0.0.1", "help": "interface for HTTP transports"}),
-    ("port", ("--port",), {"type": _port, "default": 8000}),
+    ("port", ("--port",), {"type": _port, "default": 8000, "help": "port for HTTP transports"}),
     ("threshold", ("--threshold",), {"type": _seconds, "default": 0.1, "help": "seconds of stall that count"}),
-    ("offload", ("--offload",), {"choices": ("auto", "off"), "default": "auto"}),
+    ("offload", ("--offload",), {"choices": ("auto", "off"), "default": "auto",
+                                 "help": "auto: tools caught blocking run their later calls off the loop"}),
     ("offload_state", ("--offload-state",), {"metavar": "FILE", "help": "remember offloaded tools across restarts"}),
     ("tool_policies", ("--offload-policy",), {"type": _policies, "default": {}, "metavar": "TOOL=POLICY,...",
                                               "help": "per tool: never (thread-affine), always, auto"}),
@@ -87,7 +88,7 @@ RUN_OPTIONS: list[tuple[str, tuple[str, ...], dict[str, Any]]] = [
     ("offload_workers", ("--offload-workers",), {"type": _positive_int, "default": 4,
                                                  "help": "loop threads for offloaded tools"}),
     ("events", ("--events",), {"metavar": "FILE", "help": "append every event as a JSON line"}),
-    ("include_arguments", ("--include-arguments",), {"type": _flag, "nargs": "?", "const": True, "default": False}),
+    ("include_arguments", ("--include-arguments",), {**_SWITCH, "help": "tool argument values in block reports"}),
     ("monitor", ("--monitor",), {**_SWITCH, "help": "serve an aiomonitor console with lw- commands"}),
     ("monitor_host", ("--monitor-host",), {"default": "127.0.0.1", "help": "console interface"}),
     ("monitor_port", ("--monitor-port",), {"type": _port, "default": 20101, "help": "telnet; web UI +1, REPL +2"}),

@@ -142,8 +142,8 @@ async def drive(events: Path, log: Path, quick: bool) -> int:
                     say(f"  loopwatch moved {name} off the loop; the same calls again: honest p99 "
                         f"{ms(percentile(again, .99)).strip()}, loop {loop_state}")
                     if name == "fingerprint":
-                        say("                   (but pure-Python crunching still holds the GIL in 5 ms slices: the loop is")
-                        say("                    slowed, not stopped; a process would not share the GIL)")
+                        say(" " * 19 + "(but pure-Python crunching still holds the GIL in 5 ms slices: the loop is")
+                        say(" " * 20 + "slowed, not stopped; a process would not share the GIL)")
                 elif name == "export_formats":
                     say("  (an import blocks once: the module is cached after that)")
                 say("")

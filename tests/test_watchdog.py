@@ -25,7 +25,8 @@ class World:
             poll_interval=0.01,
             clock=lambda: self.now,
             wall=lambda: 1_000_000 + self.now,
-            cpu_clock=lambda: (self.cpu, self.cpu + self.runnable),
+            cpu_clock=lambda: self.cpu,
+            demand_clock=lambda: self.cpu + self.runnable,
             sampler=lambda: self.sample,
             emit=lambda e, c: self.events.append((e, c)),
         )

@@ -20,7 +20,7 @@ from ._events import BlockEvent, Event, JsonLinesWriter, Listener, Listeners, lo
 from ._options import Options
 from ._sentinel import Heartbeat, run_sentinel
 from ._stats import OTHER, StatsTable, ToolNames
-from ._watchdog import Detector, Watchdog, thread_cpu_clock, thread_sampler
+from ._watchdog import Detector, Watchdog, thread_cpu_clock, thread_demand_clock, thread_sampler
 
 logger = logging.getLogger("loopwatch")
 
@@ -176,7 +176,8 @@ class Monitor:
         detector = Detector(
             heartbeat,
             poll_interval=opts.interval,
-            cpu_clock=thread_cpu_clock(thread_id, threading.get_native_id()),
+            cpu_clock=thread_cpu_clock(thread_id),
+            demand_clock=thread_demand_clock(threading.get_native_id()),
             sampler=thread_sampler(thread_id),
             emit=self._on_block,
             blocking=self._on_blocking,
@@ -202,6 +203,9 @@ class Monitor:
         watchdog, self._watchdog = self._watchdog, None
         if watchdog is not None:
             watchdog.stop()
+            close = getattr(watchdog.detector.demand_clock, "close", None)
+            if close is not None:
+                close()
         self.pump()
 
     # -- events ----------------------------------------------------------------------------------

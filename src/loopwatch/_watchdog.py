@@ -7,6 +7,7 @@ so it is tested without threads or sleeps. `Watchdog` is the thin thread that ca
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -22,9 +23,8 @@ from ._sentinel import Clock, Heartbeat
 logger = logging.getLogger("loopwatch")
 
 Sampler = Callable[[], Sample | None]
-CpuReading = tuple[float, float]
-"""(CPU seconds, demand seconds): demand adds the time the thread was runnable but not running."""
-CpuClock = Callable[[], CpuReading | None]
+CpuClock = Callable[[], float | None]
+"""Seconds: a thread's CPU time, or its demand for CPU (CPU time plus time runnable but waiting for a core)."""
 MAX_SAMPLES = 512
 CPU_SHARE = 0.5
 
@@ -108,6 +108,7 @@ class Detector:
         clock: Clock = time.monotonic,
         wall: Clock = time.time,
         cpu_clock: CpuClock = lambda: None,
+        demand_clock: CpuClock | None = None,
         sampler: Sampler = lambda: None,
         emit: Callable[[BlockEvent, CallRecord | None], None] = lambda e, c: None,
         blocking: Callable[[CallRecord, float, bool, tuple[Any, ...]], None] = lambda c, s, i, st: None,
@@ -119,11 +120,13 @@ class Detector:
         self.hb = heartbeat
         self.poll_interval = poll_interval
         self.clock, self.wall, self.cpu_clock, self.sampler, self.emit = clock, wall, cpu_clock, sampler, emit
+        self.demand_clock = demand_clock or cpu_clock
+        """Read only while a block is sampled: it may cost a syscall that lets the GIL go."""
         self.include_arguments = include_arguments
         self._last_poll = clock()
         self._expected_gap = poll_interval
         count = heartbeat.beat[0]
-        self._cpu_at: deque[tuple[int, CpuReading | None]] = deque([(count, cpu_clock())], maxlen=64)
+        self._cpu_at: deque[tuple[int, float | None]] = deque([(count, cpu_clock())], maxlen=64)
         self._starved: deque[tuple[float, float]] = deque(maxlen=64)
         self._block: _Block | None = None
 
@@ -154,7 +157,7 @@ class Detector:
             sample = self.sampler()
             if sample is not None:
                 block.add(sample, starved)
-                block.account(sample.stack, now, cpu[1] if cpu is not None else None)
+                block.account(sample.stack, now, self.demand_clock())
                 self._announce(block, now - beat_time - self.hb.interval)
         while self.hb.late:
             self._finish(*self.hb.late.popleft(), now=now, cpu=cpu)
@@ -176,17 +179,15 @@ class Detector:
         due = beat_time + self.hb.interval + self.hb.threshold - now
         return min(max(due, self.poll_interval), self.hb.threshold + self.hb.interval)
 
-    def _finish(self, end_count: int, end: float, lag: float, *, now: float, cpu: CpuReading | None) -> None:
+    def _finish(self, end_count: int, end: float, lag: float, *, now: float, cpu: float | None) -> None:
         block = self._block
         if block is not None and end_count > block.count:
             self._block = None
         else:
             block = _Block(end_count - 1)
         cpu0 = self._cpu_before(end_count)
-        cpu_s = demand_s = None
-        if cpu is not None and cpu0 is not None:
-            cpu_s = min(max(0.0, cpu[0] - cpu0[0]), lag)
-            demand_s = min(max(0.0, cpu[1] - cpu0[1]), lag)
+        cpu_s = None if cpu is None or cpu0 is None else min(max(0.0, cpu - cpu0), lag)
+        demand_s = _demand(block, cpu_s, lag)
         starved_s = sum(overlap(end - lag, end, a, b) for a, b in self._starved)
         profile = summarize(block.samples)
         kind = classify(lag, demand_s, starved_s, profile.importing)
@@ -211,7 +212,7 @@ class Detector:
             return kind  # no stack holds most of the block: the whole block's share decides
         return "cpu" if used >= CPU_SHARE * wall else "wait"
 
-    def _cpu_before(self, end_count: int) -> CpuReading | None:
+    def _cpu_before(self, end_count: int) -> float | None:
         """The loop thread's CPU time at the last beat before the block (the first one seen, if none)."""
         best = self._cpu_at[0][1]
         for count, cpu in self._cpu_at:
@@ -239,6 +240,15 @@ class Detector:
         )
 
 
+def _demand(block: _Block, cpu_s: float | None, lag: float) -> float | None:
+    """Seconds the loop thread wanted a core during the block: measured over the part the watchdog sampled
+    (CPU plus run-queue time: a crunch preempted on a busy machine is still a crunch), else its CPU time."""
+    wall = sum(w for w, _ in block.spent.values())
+    if wall > 0:
+        return lag * min(1.0, max(0.0, sum(u for _, u in block.spent.values()) / wall))
+    return cpu_s
+
+
 def thread_sampler(thread_id: int) -> Sampler:
     def sample() -> Sample | None:
         return sample_frame(sys._current_frames().get(thread_id))
@@ -246,36 +256,56 @@ def thread_sampler(thread_id: int) -> Sampler:
     return sample
 
 
-def thread_cpu_clock(thread_id: int, native_id: int | None = None) -> CpuClock:
-    """CPU and demand seconds of one thread: Linux schedstat where readable, the thread's CPU clock elsewhere."""
-    schedstat = f"/proc/self/task/{native_id}/schedstat" if native_id is not None else None
-    if schedstat is not None and _read_schedstat(schedstat) is not None:
-        return lambda: _read_schedstat(schedstat)
+def thread_cpu_clock(thread_id: int) -> CpuClock:
+    """A thread's CPU seconds from its POSIX CPU clock: one call that keeps the GIL. None where unavailable."""
     try:
         clock_id = time.pthread_getcpuclockid(thread_id)
         time.clock_gettime(clock_id)
     except (AttributeError, OSError):
         return lambda: None
 
-    def read() -> CpuReading | None:
+    def read() -> float | None:
         try:
-            cpu = time.clock_gettime(clock_id)
-        except OSError:
+            return time.clock_gettime(clock_id)
+        except OSError:  # the thread ended
             return None
-        return cpu, cpu
 
     return read
 
 
-def _read_schedstat(path: str) -> CpuReading | None:
-    """`/proc/.../schedstat`: nanoseconds on the CPU, nanoseconds runnable on a run queue, timeslices."""
+class Schedstat:
+    """A thread's CPU plus run-queue seconds from Linux schedstat, through one descriptor kept open: one
+    pread a read (opening the file each time costs several GIL handoffs). Close it when done."""
+
+    def __init__(self, native_id: int) -> None:
+        self._fd: int | None = os.open(f"/proc/self/task/{native_id}/schedstat", os.O_RDONLY)
+
+    def __call__(self) -> float | None:
+        fd = self._fd
+        if fd is None:
+            return None
+        try:
+            running, waiting = os.pread(fd, 128, 0).split()[:2]
+            return (int(running) + int(waiting)) / 1e9
+        except (OSError, ValueError):
+            return None
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+def thread_demand_clock(native_id: int) -> Schedstat | None:
+    """The loop thread's demand clock, or None where schedstat can't be read (then CPU time stands in)."""
     try:
-        with open(path, "rb") as file:
-            running, waiting = file.read().split()[:2]
-        cpu = int(running) / 1e9
-        return cpu, cpu + int(waiting) / 1e9
-    except (OSError, ValueError):
+        clock = Schedstat(native_id)
+    except OSError:
         return None
+    if clock() is None:
+        clock.close()
+        return None
+    return clock
 
 
 class Watchdog:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from ._extensions import MissingExtra
+from ._watchdog import thread_cpu_clock
 
 try:
     import prometheus_client
@@ -323,7 +324,7 @@ class LoopMetrics:
         thread_id = self._monitor.loop_thread_id
         if thread_id != self._cpu_thread:
             self._cpu_thread, self._cpu_last = thread_id, None
-            self._cpu_clock = loop_cpu_clock(thread_id) if thread_id is not None else (lambda: None)
+            self._cpu_clock = thread_cpu_clock(thread_id) if thread_id is not None else (lambda: None)
         value = self._cpu_clock()
         if value is None:
             return
@@ -357,23 +358,6 @@ class LoopMetrics:
         if event.method == "tools/call":
             return self._monitor.tools.label(event.tool)
         return ""
-
-
-def loop_cpu_clock(thread_id: int) -> Callable[[], float | None]:
-    """The CPU seconds of one thread (POSIX thread CPU clocks); a clock of None where there are none."""
-    try:
-        clock_id = time.pthread_getcpuclockid(thread_id)
-        time.clock_gettime(clock_id)
-    except (AttributeError, OSError):
-        return lambda: None
-
-    def read() -> float | None:
-        try:
-            return time.clock_gettime(clock_id)
-        except OSError:  # the thread ended
-            return None
-
-    return read
 
 
 class WindowMax:

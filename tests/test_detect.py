@@ -2,9 +2,10 @@
 
 import anyio
 import pytest
-from helpers import client_for, fresh, settle
 
 import loopwatch
+
+from helpers import client_for, fresh, settle
 
 pytestmark = pytest.mark.anyio
 

@@ -2,10 +2,11 @@
 
 import anyio
 import pytest
-from helpers import client_for, fresh
 from mcp import MCPError
 
 import loopwatch
+
+from helpers import client_for, fresh
 
 pytestmark = pytest.mark.anyio
 

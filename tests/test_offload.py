@@ -6,10 +6,11 @@ import threading
 import anyio
 import anyio.lowlevel
 import pytest
-from helpers import client_for, fresh
 from mcp import Client
 
 import loopwatch
+
+from helpers import client_for, fresh
 
 pytestmark = pytest.mark.anyio
 

@@ -8,9 +8,10 @@ import time
 
 import anyio
 import pytest
-from helpers import FIXTURES
 from mcp import Client, ClientSession
 from mcp.client.sse import sse_client
+
+from helpers import FIXTURES
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 

@@ -7,8 +7,9 @@ import sys
 
 import anyio
 import pytest
-from helpers import FIXTURES
 from mcp import Client, StdioServerParameters
+
+from helpers import FIXTURES
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 

@@ -122,7 +122,7 @@ class Monitor:
         try:
             async with _original_errors(raised), anyio.create_task_group() as tg, AsyncExitStack() as services:
                 heartbeat = self._start()
-                await tg.start(run_sentinel, heartbeat, time.monotonic, self._check_watchdog)
+                await tg.start(run_sentinel, heartbeat, time.monotonic, self._check_watchdog, self._handoff)
                 try:
                     for service in list(self.services):
                         await services.enter_async_context(service())
@@ -189,6 +189,11 @@ class Monitor:
         self._watchdog = Watchdog(detector, housekeeping=self.pump, watched=_loop_watched())
         self._watchdog.start()
         return heartbeat
+
+    def _handoff(self, now: float) -> None:
+        watchdog = self._watchdog
+        if watchdog is not None:
+            watchdog.handoff(now)
 
     def _check_watchdog(self) -> None:
         """On the loop, about once a second: a watchdog thread that died is reported and replaced."""

@@ -46,6 +46,7 @@ async def run_sentinel(
     heartbeat: Heartbeat,
     clock: Clock = time.monotonic,
     check: Callable[[], None] | None = None,
+    on_beat: Callable[[float], None] | None = None,
     *,
     task_status: TaskStatus[None] = TASK_STATUS_IGNORED,
 ) -> None:
@@ -53,11 +54,20 @@ async def run_sentinel(
     count, last = heartbeat.beat[0], clock()
     heartbeat.beat = (count, last)
     task_status.started()  # the baseline is set before the caller goes on: no block at start-up is lost
-    while True:
-        await anyio.sleep(interval)
+    try:
+        while True:
+            await anyio.sleep(interval)
+            now = clock()
+            count += 1
+            heartbeat.record(count, now, max(0.0, now - last - interval))
+            last = now
+            if on_beat is not None:
+                on_beat(now)
+            if check is not None and count % CHECK_EVERY == 0:
+                check()
+    finally:
+        # Watching ends (the loop is closing, maybe right after a block): a block still unfinished
+        # gets its late record now, so the watchdog's last poll reports it instead of losing it.
         now = clock()
-        count += 1
-        heartbeat.record(count, now, max(0.0, now - last - interval))
-        last = now
-        if check is not None and count % CHECK_EVERY == 0:
-            check()
+        if now - last - interval >= heartbeat.threshold:
+            heartbeat.record(count + 1, now, now - last - interval)

@@ -26,6 +26,8 @@ Sampler = Callable[[], Sample | None]
 CpuClock = Callable[[], float | None]
 """Seconds: a thread's CPU time, or its demand for CPU (CPU time plus time runnable but waiting for a core)."""
 MAX_SAMPLES = 512
+GIL_HANDOFF = 0.0002
+"""Seconds the loop pauses, GIL released, for a due watchdog to take the GIL (about 10 times a second)."""
 CPU_SHARE = 0.5
 
 
@@ -326,6 +328,9 @@ class Watchdog:
         self._failures = 0
         self.steps = 0
         """Completed polls: a reader that saw it move twice knows everything before was handled."""
+        self.due_at = float("inf")
+        """Monotonic time of the next poll: from then on the watchdog waits for the GIL (see `handoff`)."""
+        self._handed_off_for = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -342,13 +347,26 @@ class Watchdog:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
+    def handoff(self, now: float) -> None:
+        """Called by the sentinel on the loop at each beat. A busy loop thread drops the GIL at every iteration
+        and takes it back before a waiting thread is scheduled, which resets that thread's switch timeout: the
+        watchdog could wait for the GIL for a long time while every loop iteration paid to wake it. So once
+        the watchdog is due, the loop pauses with the GIL released, once, for it to take."""
+        due = self.due_at
+        if now >= due and self._handed_off_for != due:
+            self._handed_off_for = due
+            time.sleep(GIL_HANDOFF)
+
     def _run(self) -> None:
         wait = self.detector.poll_interval
+        self.due_at = time.monotonic() + wait
         while not self._stop.wait(wait):
             if not self.watched():
                 logger.warning("loopwatch: the watched loop closed without ending the watch; the watchdog stops")
                 break
             wait = self._step()
+            self.due_at = time.monotonic() + wait
+        self.due_at = float("inf")
         self._step()
 
     def _step(self) -> float:

@@ -2,6 +2,7 @@
 
 import importlib
 import sys
+import threading
 from pathlib import Path
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -29,3 +30,21 @@ def client_for(server):
 async def settle(monitor, beats: int = 5, timeout: float = 10.0) -> None:
     """Let blocks that already ended be reported (bounded; see Monitor.settle)."""
     await monitor.settle(beats=beats, timeout=timeout)
+
+
+async def threads_left(before: set, timeout: float = 10.0) -> list:
+    """Threads started since `before` that are still alive once given `timeout` to end (bounded).
+
+    The idle threads of anyio's and trio's shared pools are not counted (the SDK runs sync tools there,
+    the test runner uses them): they belong to those libraries and end by themselves after ten idle seconds.
+    """
+    import anyio
+
+    def left() -> list:
+        pools = ("AnyIO worker thread", "Trio thread")
+        return [t for t in threading.enumerate() if t not in before and not t.name.startswith(pools)]
+
+    with anyio.move_on_after(timeout):
+        while left():
+            await anyio.sleep(0.02)
+    return left()

@@ -60,9 +60,11 @@ class ToolNames:
         self.known: set[str] = set()
 
     def label(self, name: Any) -> str:
+        if not isinstance(name, str):  # a client may send any JSON as the name: a list would not even hash
+            return OTHER
         if name in self.known:
             return name
-        if isinstance(name, str) and self.registry is not None and self.registry(name):
+        if self.registry is not None and self.registry(name):
             return self.admit(name)
         return OTHER
 

@@ -66,7 +66,10 @@ class LoopwatchMiddleware:
             _lw_call = CallRecord(method, None, request_id, ctx)
         hooks = self.hooks
         for hook in hooks:
-            hook.start(_lw_call)
+            try:
+                hook.start(_lw_call)
+            except Exception:
+                self._drop_hook(hook)
         row.in_flight += 1
         _lw_call.started = start = perf_counter()
         try:
@@ -74,20 +77,31 @@ class LoopwatchMiddleware:
         except BaseException as exc:
             duration = perf_counter() - start
             row.finish(duration, True)
-            for hook in hooks:
-                hook.end(_lw_call, duration, error_type(exc))
+            self._end_hooks(hooks, _lw_call, duration, error_type(exc))
             raise
         duration = perf_counter() - start
         error = bool(label) and _is_tool_error(result)
         row.finish(duration, error)
-        for hook in hooks:
-            hook.end(_lw_call, duration, "tool_error" if error else None)
+        self._end_hooks(hooks, _lw_call, duration, "tool_error" if error else None)
         if label:
             if label == OTHER and not error and self.tools.learns_from_success and _lw_call.tool:
                 self.tools.admit(_lw_call.tool)
         elif method == "tools/list":
             self.tools.admit_all(_listed_names(result))
         return result
+
+    def _end_hooks(self, hooks: tuple[CallHook, ...], call: CallRecord, duration: float, error: str | None) -> None:
+        for hook in hooks:
+            try:
+                hook.end(call, duration, error)
+            except Exception:
+                self._drop_hook(hook)
+
+    def _drop_hook(self, hook: CallHook) -> None:
+        """A hook that raises never reaches the call: it is logged once and removed."""
+        if hook in self.hooks:
+            logger.exception("loopwatch call hook %r raised; it is removed", hook)
+            self.remove_hook(hook)
 
     def add_hook(self, hook: CallHook) -> None:
         self.hooks = (*self.hooks, hook)
@@ -263,7 +277,10 @@ class Handle:
         for extension in reversed(self.extensions):
             close = getattr(extension, "close", None)
             if close is not None:
-                close()
+                try:
+                    close()
+                except Exception:  # one failing integration must not keep the others (and their threads) alive
+                    logger.exception("loopwatch: closing %r raised; the other integrations still close", extension)
         self.extensions.clear()
 
 

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import anyio
 import pytest
-from helpers import FIXTURES, client_for, fresh, settle
 from mcp import Client, MCPError
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -24,6 +23,8 @@ from loopwatch._options import OptionError
 from loopwatch._sentinel import Heartbeat
 from loopwatch.mcp import lowlevel_server
 from loopwatch.otel import SpanCloser, _exporter, _exporter_names, configure_from_env, format_stack, ns
+
+from helpers import FIXTURES, client_for, fresh, settle
 
 pytestmark = pytest.mark.anyio
 

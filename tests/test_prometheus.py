@@ -19,7 +19,6 @@ from types import SimpleNamespace
 import anyio
 import httpx2
 import pytest
-from helpers import FIXTURES, client_for, fresh
 from mcp import Client, MCPError
 from mcp.server.mcpserver import MCPServer
 from prometheus_client import CollectorRegistry
@@ -29,6 +28,8 @@ from loopwatch import OffloadEvent
 from loopwatch import prometheus as lw_prometheus
 from loopwatch._blame import CallRecord
 from loopwatch.cli import build_parser, run_options
+
+from helpers import FIXTURES, client_for, fresh
 
 pytestmark = pytest.mark.anyio
 

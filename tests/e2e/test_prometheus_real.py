@@ -16,8 +16,9 @@ from pathlib import Path
 
 import anyio
 import pytest
-from helpers import FIXTURES
 from mcp import Client, MCPError, StdioServerParameters
+
+from helpers import FIXTURES
 
 pytestmark = pytest.mark.e2e
 

@@ -284,3 +284,18 @@ async def test_a_state_file_and_an_always_policy_move_a_tool_once(anyio_backend,
     handle2.monitor.pump()
     assert [e.reason for e in events_of(handle2, "offloaded")] == ["learned earlier: policy always"]
     assert json.loads(state.read_text())["offloaded"] == {"lookup": "learned earlier: policy always"}
+
+
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
+async def test_offloaded_async_calls_run_side_by_side_up_to_the_call_limit(anyio_backend):
+    server, handle = wrapped(tool_policies={"slow_async": "always"}, offload_workers=2, offload_max_calls=20)
+    async with client_for(server) as client:
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(client.call_tool, "slow_async", {"seconds": 1.0})
+            with anyio.fail_after(30):
+                while handle.offload.pool.in_use < 20:  # all 20 running at once on 2 worker loops
+                    await anyio.sleep(0.01)
+            seen = handle.offload.pool.in_use
+    assert seen == 20
+    assert handle.offload.pool.in_use == 0

@@ -164,7 +164,8 @@ class _Worker:
         if ref is not None and stop is not None:
             _HOMES.pop(ref.thread_id, None)
             ref.schedule(stop.set)
-        self.thread.join(timeout)  # a call stuck in a blocking call keeps its thread until it returns
+        if timeout > 0:
+            self.thread.join(timeout)  # a call stuck in a blocking call keeps its thread until it returns
 
 
 class LoopPool:
@@ -346,7 +347,7 @@ class Offloader:
 
     @contextlib.asynccontextmanager
     async def _service(self) -> AsyncIterator[None]:
-        self.limiter = anyio.CapacityLimiter(self.options.offload_workers)
+        self.limiter = anyio.CapacityLimiter(self.options.offload_max_calls)
         self.pool.backend = _current_backend()
         async with anyio.create_task_group() as tg:
             self.portal = LoopRef(tg)
@@ -357,6 +358,9 @@ class Offloader:
                 _HOMES.pop(self.portal.thread_id, None)
                 self.portal = None
                 tg.cancel_scope.cancel()
+                # The worker loops belong to this run of the server: tell them to end, never waiting for a
+                # stuck one here on the loop (it ends when its blocking call returns).
+                self.pool.close(timeout=0)
 
     def _where(self, base: Callable[[str], str]) -> Callable[[str], str]:
         return lambda tool: "thread" if tool in self.offloaded else base(tool)

@@ -40,6 +40,9 @@ class Options:
     strike_window: float = 600.0
     offload_state: str | None = None
     offload_workers: int = 4
+    """Worker loops (threads) for offloaded tools."""
+    offload_max_calls: int = 64
+    """Offloaded calls in flight at once, over all worker loops; more wait their turn (no unbounded queue)."""
     metrics: bool | None = None
     """Export Prometheus metrics. None: on when a port, path or registry is given."""
     metrics_port: int | None = None
@@ -67,7 +70,7 @@ class Options:
             raise OptionError(f"threshold must be at most {MAX_THRESHOLD:.0f} s, not {self.threshold!r}")
         if self.offload not in ("auto", "off"):
             raise OptionError(f"offload must be 'auto' or 'off', not {self.offload!r}")
-        for name in ("max_tools", "recent_events", "strikes", "offload_workers"):
+        for name in ("max_tools", "recent_events", "strikes", "offload_workers", "offload_max_calls"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise OptionError(f"{name} must be a positive integer, not {value!r}")

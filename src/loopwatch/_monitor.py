@@ -14,6 +14,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from typing import Any
 
 import anyio
+import anyio.abc
 
 from ._blame import CallRecord, register_sdk_frames
 from ._events import BlockEvent, Event, JsonLinesWriter, Listener, Listeners, log_event
@@ -85,6 +86,9 @@ class Monitor:
         """Called on the loop thread when watching stops (before the watchdog goes)."""
         self.services: list[Callable[[], AbstractAsyncContextManager[Any]]] = []
         """Async context managers entered on the loop for as long as it is watched."""
+        self.task_group: anyio.abc.TaskGroup | None = None
+        """The watch's task group, for services to start tasks in (one group: a shallower scope chain for
+        every call served inside it)."""
         self.started_at: float | None = None
         self.loop_thread_id: int | None = None
         self.backend: str | None = None
@@ -121,6 +125,7 @@ class Monitor:
         raised: list[BaseException] = []
         try:
             async with _original_errors(raised), anyio.create_task_group() as tg, AsyncExitStack() as services:
+                self.task_group = tg
                 heartbeat = self._start()
                 await tg.start(run_sentinel, heartbeat, time.monotonic, self._check_watchdog, self._handoff)
                 try:
@@ -135,6 +140,7 @@ class Monitor:
                 finally:
                     self._run_hooks(self.stop_hooks, "stop")
                     tg.cancel_scope.cancel()
+                    self.task_group = None
         finally:
             self._stop()
             with self._lock:

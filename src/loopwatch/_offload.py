@@ -349,18 +349,18 @@ class Offloader:
     async def _service(self) -> AsyncIterator[None]:
         self.limiter = anyio.CapacityLimiter(self.options.offload_max_calls)
         self.pool.backend = _current_backend()
-        async with anyio.create_task_group() as tg:
-            self.portal = LoopRef(tg)
-            _HOMES[self.portal.thread_id] = self.portal
-            try:
-                yield
-            finally:
-                _HOMES.pop(self.portal.thread_id, None)
-                self.portal = None
-                tg.cancel_scope.cancel()
-                # The worker loops belong to this run of the server: tell them to end, never waiting for a
-                # stuck one here on the loop (it ends when its blocking call returns).
-                self.pool.close(timeout=0)
+        task_group = self.monitor.task_group
+        assert task_group is not None, "services run while the monitor watches"
+        self.portal = LoopRef(task_group)
+        _HOMES[self.portal.thread_id] = self.portal
+        try:
+            yield
+        finally:
+            _HOMES.pop(self.portal.thread_id, None)
+            self.portal = None
+            # The worker loops belong to this run of the server: tell them to end, never waiting for a
+            # stuck one here on the loop (it ends when its blocking call returns).
+            self.pool.close(timeout=0)
 
     def _where(self, base: Callable[[str], str]) -> Callable[[str], str]:
         return lambda tool: "thread" if tool in self.offloaded else base(tool)

@@ -157,7 +157,8 @@ class _Worker:
             _HOMES[self.ref.thread_id] = self.ref
             self._ready.set()
             await self._stop.wait()
-            tg.cancel_scope.cancel()
+            # Graceful: calls still running end as their callers decide (a caller that goes away cancels its
+            # call); cancelling them here would reach their callers before the server's own shutdown does.
 
     def close(self, timeout: float) -> None:
         ref, stop = self.ref, self._stop

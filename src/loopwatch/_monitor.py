@@ -19,7 +19,7 @@ import anyio.abc
 from ._blame import CallRecord, register_sdk_frames
 from ._events import BlockEvent, Event, JsonLinesWriter, Listener, Listeners, log_event
 from ._options import Options
-from ._sentinel import Heartbeat, run_sentinel
+from ._sentinel import Heartbeat, current_backend, run_sentinel
 from ._stats import OTHER, StatsTable, ToolNames
 from ._watchdog import Detector, Watchdog, thread_cpu_clock, thread_demand_clock, thread_sampler
 
@@ -325,9 +325,4 @@ def _loop_watched() -> Callable[[], bool]:
 
 
 def _backend_name() -> str | None:
-    try:
-        import sniffio
-
-        return sniffio.current_async_library()
-    except Exception:
-        return None
+    return current_backend()

@@ -33,6 +33,7 @@ import anyio.abc
 
 from ._blame import call_key
 from ._events import BlockEvent, OffloadEvent
+from ._sentinel import current_backend
 
 logger = logging.getLogger("loopwatch")
 
@@ -116,9 +117,7 @@ class LoopRef:
 
 
 def _native_scheduler() -> Callable[[Callable[[], None]], Any]:
-    import sniffio
-
-    if sniffio.current_async_library() == "trio":
+    if current_backend() == "trio":
         import trio
 
         return trio.lowlevel.current_trio_token().run_sync_soon
@@ -618,9 +617,7 @@ def _release_soon(server: LoopRef, limiter: anyio.CapacityLimiter, token: object
 
 
 def _current_backend() -> tuple[str, dict[str, Any]]:
-    import sniffio
-
-    backend = sniffio.current_async_library()
+    backend = current_backend() or "asyncio"
     if backend == "asyncio":
         loop = asyncio.get_running_loop()
         return backend, ({"use_uvloop": True} if type(loop).__module__.startswith("uvloop") else {})

@@ -7,6 +7,7 @@ deque appends and one tuple assignment; everything else happens on the watchdog 
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -36,6 +37,25 @@ class Heartbeat:
         if lag >= self.threshold:
             self.late.append((count, now, lag))
         self.beat = (count, now)
+
+
+def current_backend() -> str | None:
+    """`asyncio` or `trio` for the event loop running in this thread, None outside one (no sniffio needed)."""
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+        return "asyncio"
+    except RuntimeError:
+        pass
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.lowlevel.current_trio_token()
+            return "trio"
+        except RuntimeError:
+            pass
+    return None
 
 
 CHECK_EVERY = 100

@@ -299,3 +299,34 @@ async def test_offloaded_async_calls_run_side_by_side_up_to_the_call_limit(anyio
             seen = handle.offload.pool.in_use
     assert seen == 20
     assert handle.offload.pool.in_use == 0
+
+
+def test_the_core_runs_without_sniffio(tmp_path):
+    """anyio no longer depends on sniffio: a core install has mcp and anyio only."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "no_sniffio.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.modules["sniffio"] = None  # importing it now fails, as where it is not installed
+        sys.path.insert(0, {str(__import__("helpers").FIXTURES)!r})
+        import anyio, loopwatch
+        from mcp import Client
+        import offload_server
+
+        async def main():
+            handle = loopwatch.instrument(offload_server.mcp, threshold=0.1, log_blocks=False, traces=False,
+                                          tool_policies={{"lookup": "always"}})
+            async with Client(offload_server.mcp) as client:
+                result = await client.call_tool("lookup", {{"sku": "S"}})
+            assert not result.is_error, result
+            assert handle.monitor.backend == "asyncio"
+            handle.uninstrument()
+
+        anyio.run(main)  # trio itself depends on sniffio: without it, the loop is asyncio
+        print("ok")
+    """))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "ok", result.stderr[-3000:]

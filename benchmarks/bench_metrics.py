@@ -20,7 +20,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
-from mcp import Client
+from bench_overhead import make_server, timed_round  # the same server and round as the core benchmark
 from mcp.server.mcpserver import MCPServer
 from prometheus_client import CollectorRegistry
 
@@ -29,26 +29,6 @@ from loopwatch._blame import CallRecord
 from loopwatch.prometheus import PrometheusExporter
 
 COMMON = {"traces": False, "log_blocks": False}
-
-
-def make_server(name: str) -> MCPServer:
-    server = MCPServer(name)
-
-    @server.tool()
-    async def noop(n: int = 0) -> int:
-        return n
-
-    return server
-
-
-async def timed_round(server: MCPServer, calls: int) -> float:
-    async with Client(server) as client:
-        for _ in range(20):
-            await client.call_tool("noop", {"n": 1})
-        start = time.perf_counter()
-        for i in range(calls):
-            await client.call_tool("noop", {"n": i})
-        return (time.perf_counter() - start) / calls
 
 
 async def rounds(servers: dict[str, MCPServer], count: int, calls: int) -> dict[str, list[float]]:

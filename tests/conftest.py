@@ -18,3 +18,21 @@ def anyio_backend(request):
 @pytest.fixture
 def asyncio_only():
     return ("asyncio", {})
+
+
+@pytest.fixture(scope="session")
+def exporter():
+    """An in-memory span exporter on the global provider, where the SDK's request spans go."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield exporter
+    exporter.shutdown()

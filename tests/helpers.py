@@ -48,3 +48,23 @@ async def threads_left(before: set, timeout: float = 10.0) -> list:
         while left():
             await anyio.sleep(0.02)
     return left()
+
+
+def free_port(span: int = 1) -> int:
+    """A free port on 127.0.0.1, with the next `span - 1` ports free too (a console takes three)."""
+    import socket
+
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port + span > 65535:
+            continue
+        try:
+            for offset in range(span):
+                with socket.socket() as taken:
+                    taken.bind(("127.0.0.1", port + offset))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free ports")

@@ -21,6 +21,8 @@ from loopwatch._events import BlockEvent, Frame, OffloadEvent
 from loopwatch.cli import build_parser, run_options
 from loopwatch.mcp import handle_of
 
+from helpers import free_port
+
 pytestmark = [
     pytest.mark.anyio,
     pytest.mark.filterwarnings("ignore:It is recommended to use web.AppKey"),  # aiomonitor's web UI, not ours
@@ -46,22 +48,6 @@ def line_of(text: str) -> int:
     raise AssertionError(text)
 
 
-def free_port(span: int = 3) -> int:
-    """A port with the next `span - 1` free as well: the console, its web UI and its REPL."""
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port + span > 65535:
-            continue
-        try:
-            for offset in range(span):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port + offset))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free ports")
 
 
 class Gate:

@@ -41,17 +41,6 @@ PARENT_ID = 0xB7AD6B7169203331
 TRACEPARENT = f"00-{TRACE_ID:032x}-{PARENT_ID:016x}-01"
 
 
-@pytest.fixture(scope="module")
-def exporter():
-    exporter = InMemorySpanExporter()
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield exporter
-    exporter.shutdown()
-
 
 @pytest.fixture
 def spans(exporter):

@@ -3,22 +3,18 @@
 import json
 import logging
 import os
-import socket
 import time
 
 import anyio
 import pytest
 from mcp.server.mcpserver import MCPServer
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry, generate_latest
 
 import loopwatch
 from loopwatch.cli import build_parser, run_options
 
 from helpers import client_for
+from helpers import free_port as free_ports
 
 pytestmark = pytest.mark.anyio
 
@@ -64,14 +60,6 @@ def listening(port):
 LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1
 
 
-def free_ports(span=3):
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port + span < 65535 and not any(listening(port + k) for k in range(span)):
-            return port
-    raise RuntimeError("no free ports")
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads listening sockets from /proc/net/tcp")
@@ -104,18 +92,6 @@ async def test_the_metrics_endpoint_and_the_console_listen_on_loopback_only_and_
 
 # -- argument values ----------------------------------------------------------------------------------
 
-
-@pytest.fixture(scope="module")
-def exporter():
-    """An in-memory exporter on the global provider, where the SDK's request spans go."""
-    exporter = InMemorySpanExporter()
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield exporter
-    exporter.shutdown()
 
 
 def login_server():

@@ -12,6 +12,8 @@ import anyio
 import pytest
 from mcp import Client
 
+from helpers import free_port
+
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 WAIT = 20.0
@@ -50,19 +52,6 @@ def anyio_backend():
     return "asyncio"
 
 
-def free_port(span: int = 1) -> int:
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        try:
-            for offset in range(span):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port + offset))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free ports")
 
 
 def line_of(path: Path, marker: str) -> int:

@@ -11,7 +11,7 @@ import pytest
 from mcp import Client, ClientSession
 from mcp.client.sse import sse_client
 
-from helpers import FIXTURES
+from helpers import FIXTURES, free_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -24,10 +24,6 @@ def anyio_backend():
     return "asyncio"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:

@@ -8,7 +8,6 @@ come from `--events`, so spans are compared with what the watchdog measured, nev
 import gzip
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from helpers import free_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -107,10 +108,6 @@ def attributes(pairs) -> dict:
     return values
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def line_of(path: Path, text: str) -> int:

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import anyio
 import pytest
 from mcp import Client, MCPError, StdioServerParameters
 
-from helpers import FIXTURES
+from helpers import FIXTURES, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -47,10 +46,6 @@ BLOCKING_CALLS = 5
 """lookup blocks the loop about 0.3 s each time; after this many blocks loopwatch moves it off the loop."""
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def get(url, timeout=10.0):

@@ -7,7 +7,6 @@ file only whole JSON lines. Bare and wrapped run side by side.
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ import anyio
 import pytest
 from mcp import Client
 
-from helpers import FIXTURES
+from helpers import FIXTURES, free_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 WAIT = 60
@@ -33,10 +32,6 @@ def anyio_backend():
     return "asyncio"
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def command(wrapped, transport, port, events):

@@ -6,12 +6,13 @@ exporter: tests/e2e/test_otlp.py.)
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
+
+from helpers import free_port
 
 pytestmark = pytest.mark.e2e
 WAIT = 60
@@ -47,10 +48,6 @@ INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
     "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}}
 
 
-def free_port(span=3):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def run_loopwatch(args, stdin=b"", env=None):

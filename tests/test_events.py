@@ -30,11 +30,24 @@ def test_a_block_outside_any_call_says_so():
     assert "outside any call" in line
 
 
+def test_a_collection_that_held_most_of_a_block_is_told_as_the_heaps_cost_during_the_call():
+    line = block(kind="gc", gc_s=0.290, frames=(), culprit=None).describe()
+    assert line == (
+        "loop blocked 312 ms [gc] during tools/call lookup (request 7): the garbage collector ran 290 ms of it"
+        " (the heap's cost, not the caller's)"
+    )
+
+
+def test_a_collection_inside_another_block_is_added_to_its_line_when_it_is_a_tenth_or_more():
+    assert block(gc_s=0.040).describe().endswith("server.py:15 in lookup (garbage collection 40 ms)")
+    assert "garbage" not in block(gc_s=0.020).describe()
+
+
 def test_the_json_form_has_the_documented_fields_outermost_frame_first():
     data = block().to_dict()
     assert data["event"] == "loop_blocked"
     expected = {"event", "time", "duration_s", "kind", "tool", "method", "request_id", "session_id",
-                "cpu_s", "samples", "frames", "culprit"}
+                "cpu_s", "gc_s", "samples", "frames", "culprit"}
     assert set(data) == expected
     assert data["frames"][0] == {"file": "/srv/server.py", "line": 15, "function": "lookup"}
     json.dumps(data)

@@ -241,7 +241,7 @@ async def test_a_block_is_counted_for_the_tool_that_blocked(registry, anyio_back
         for s in m.samples
         if s.name == "loopwatch_event_loop_blocked_seconds_total" and s.labels["gen_ai_tool_name"] == "lookup"
     }
-    assert set(kinds) <= {"cpu", "wait", "gil", "import", "unknown"}
+    assert set(kinds) <= {"cpu", "wait", "gil", "import", "gc", "unknown"}
     assert sum(kinds.values()) > 0
     assert registry.get_sample_value("loopwatch_event_loop_lag_seconds_count") > 0
     assert registry.get_sample_value("loopwatch_event_loop_lag_max_seconds") == 0  # no longer watched
@@ -275,7 +275,7 @@ async def test_the_series_of_listed_tools_exist_at_zero_before_anything_happens_
         await client.call_tool("ping", {})  # the first request after a listing creates them
     blocked = "loopwatch_event_loop_blocked_seconds_total"
     for tool in ("lookup", "checksum", "", "_OTHER"):
-        for kind in ("cpu", "wait", "gil", "import", "unknown"):
+        for kind in ("cpu", "wait", "gil", "import", "gc", "unknown"):
             assert registry.get_sample_value(blocked, {"gen_ai_tool_name": tool, "kind": kind}) == 0
     assert registry.get_sample_value("loopwatch_tool_calls_in_flight", {"gen_ai_tool_name": "lookup"}) == 0
     assert offloaded(registry, "lookup") == 0

@@ -432,6 +432,50 @@ def test_flag_rejects_a_threshold_that_is_not_seconds(project: pytest.Pytester) 
     result.stderr.fnmatch_lines(["*--no-blocking takes a positive number of seconds*not 'soon'*"])
 
 
+GC_TESTS = """
+import gc
+import time
+
+import pytest
+
+
+class SlowToFinalize:
+    def __init__(self):
+        self.cycle = self
+
+    def __del__(self):
+        time.sleep(0.2)
+
+
+@pytest.mark.anyio
+@pytest.mark.no_blocking
+async def test_a_collection_is_not_the_tests_fault():
+    SlowToFinalize()
+    gc.collect()
+
+
+@pytest.mark.anyio
+@pytest.mark.no_blocking(gc=True)
+async def test_a_collection_fails_with_gc_true():
+    SlowToFinalize()
+    gc.collect()
+"""
+
+
+def test_garbage_collection_fails_a_test_only_when_the_marker_asks(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_gc_marker=GC_TESTS)
+    pytester.makeini(INI)
+    result = run(pytester)
+    assert outcomes(result) == {
+        f"test_a_collection_{name}[{backend}]": outcome
+        for name, outcome in (("is_not_the_tests_fault", "PASSED"), ("fails_with_gc_true", "FAILED"))
+        for backend in ("asyncio", "trio")
+    }
+    for backend in ("asyncio", "trio"):
+        report = failures(result)[f"test_a_collection_fails_with_gc_true[{backend}]"]
+        assert "[gc] outside any call: the garbage collector ran" in report
+
+
 def test_the_readme_example_passes(pytester: pytest.Pytester) -> None:
     shutil.copy(EXAMPLE, pytester.path / EXAMPLE.name)
     result = run(pytester)

@@ -2,6 +2,7 @@
 
 from loopwatch._blame import CallRecord, Sample
 from loopwatch._events import BlockEvent
+from loopwatch._gc import GcClock
 from loopwatch._sentinel import Heartbeat
 from loopwatch._watchdog import Detector, classify
 
@@ -20,6 +21,8 @@ class World:
         self.hb = Heartbeat(0.01, threshold, clock=lambda: self.now)
         self.sample: Sample | None = None
         self.events: list[tuple[BlockEvent, CallRecord | None]] = []
+        self.announced: list[CallRecord] = []
+        self.gc = GcClock(clock=lambda: self.now)
         self.detector = Detector(
             self.hb,
             poll_interval=0.01,
@@ -28,7 +31,9 @@ class World:
             cpu_clock=lambda: self.cpu,
             demand_clock=lambda: self.cpu + self.runnable,
             sampler=lambda: self.sample,
+            gc_time=self.gc.within,
             emit=lambda e, c: self.events.append((e, c)),
+            blocking=lambda c, elapsed, importing, stack: self.announced.append(c),
         )
 
     def beat(self, lag=0.0):
@@ -234,3 +239,79 @@ def test_calls_disagreeing_across_samples_blame_nobody():
     w.healthy(0.03)
     [(event, _)] = w.events
     assert event.tool is None
+
+
+def collect_garbage(w, seconds, sample=None):
+    """A collection on the loop: the GIL is held, so the watchdog can't run until it ends."""
+    w.sample = sample
+    began = w.now
+    w.now += seconds
+    w.cpu += seconds
+    w.gc.note(began, w.now)
+
+
+def test_a_block_the_garbage_collector_held_is_gc_with_no_frames_and_no_call_outside_one():
+    w = World()
+    w.healthy()
+    start = w.now
+    w.now += 0.01
+    collect_garbage(w, 0.18, sample=Sample(TOOL_STACK, None))
+    w.now += 0.01
+    w.beat(lag=w.now - start - 0.01)
+    w.healthy(0.03)
+    [(event, blamed)] = w.events
+    assert (event.kind, event.tool, event.frames, blamed) == ("gc", None, (), None)
+    assert event.gc_s == 0.18
+    assert "garbage collector ran 180 ms" in event.describe()
+
+
+def test_a_collection_during_a_call_keeps_the_call_and_is_never_announced_as_the_calls_blocking():
+    w = World()
+    w.healthy()
+    record = call("report")
+    w.sample = Sample(TOOL_STACK, record)
+    start = w.now
+
+    def run_tool(seconds):
+        until = w.now + seconds
+        while w.now < until - 1e-9:
+            w.now += 0.01
+            w.cpu += 0.01
+            w.detector.poll()
+
+    run_tool(0.03)
+    collect_garbage(w, 0.25, sample=Sample(TOOL_STACK, record))
+    run_tool(0.04)  # the watchdog wakes once the collection ends and sees the call go on
+    w.now += 0.01
+    w.beat(lag=w.now - start - 0.01)
+    w.healthy(0.03)
+    [(event, blamed)] = w.events
+    assert (event.kind, event.tool, blamed) == ("gc", "report", record)
+    assert event.frames == ()
+    assert event.describe().startswith("loop blocked 320 ms [gc] during tools/call report (request 7)")
+    assert w.announced == []  # nothing told the offloader that the tool was blocking
+
+
+def test_a_short_collection_inside_a_sleep_leaves_it_a_wait_block_and_is_counted():
+    w = World()
+    w.healthy()
+    record = call()
+    w.block(0.3, cpu_share=0.02, sample=Sample(TOOL_STACK, record))
+    w.gc.note(w.now - 0.2, w.now - 0.16)  # 40 ms inside the block
+    w.healthy(0.03)
+    [(event, _)] = w.events
+    assert event.kind == "wait"
+    assert [f.line for f in event.frames] == [15, 8]
+    assert abs(event.gc_s - 0.04) < 1e-6
+    assert event.describe().endswith("(garbage collection 40 ms)")
+    assert w.announced == [record]
+
+
+def test_collections_outside_a_block_are_not_counted_in_it():
+    w = World()
+    w.gc.note(w.now - 1.0, w.now - 0.5)
+    w.healthy()
+    w.block(0.3, cpu_share=1.0, sample=Sample(TOOL_STACK, call("crunch")))
+    w.healthy(0.03)
+    [(event, _)] = w.events
+    assert (event.kind, event.gc_s) == ("cpu", 0.0)

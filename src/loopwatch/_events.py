@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 logger = logging.getLogger("loopwatch")
 
-BlockKind = Literal["cpu", "wait", "gil", "import", "unknown"]
+BlockKind = Literal["cpu", "wait", "gil", "import", "gc", "unknown"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +42,8 @@ class BlockEvent:
     culprit: Frame | None = None
     module: str | None = None
     arguments: dict[str, Any] | None = None
+    gc_s: float = 0.0
+    """Seconds of it the garbage collector ran (collections of 1 ms or more)."""
     event: str = field(default="loop_blocked", init=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -63,10 +65,16 @@ class BlockEvent:
         if self.method is not None:
             target = f" {self.tool}" if self.tool else ""
             rid = f" (request {self.request_id})" if self.request_id is not None else ""
-            who = f"by {self.method}{target}{rid}"
+            who = f"{'during' if self.kind == 'gc' else 'by'} {self.method}{target}{rid}"
         return f"loop blocked {ms} ms [{self.kind}] {who}{self._where()}"
 
     def _where(self) -> str:
+        if self.kind == "gc":
+            return f": the garbage collector ran {round(self.gc_s * 1000)} ms of it (the heap's cost, not the caller's)"
+        gc_note = f" (garbage collection {round(self.gc_s * 1000)} ms)" if self.gc_s * 10 >= self.duration_s else ""
+        return self._frames_text() + gc_note
+
+    def _frames_text(self) -> str:
         if self.kind == "gil" and not self.frames:
             return ": no sample, a native call held the GIL for the whole block"
         if not self.frames:

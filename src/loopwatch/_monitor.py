@@ -18,6 +18,7 @@ import anyio.abc
 
 from ._blame import CallRecord, register_sdk_frames
 from ._events import BlockEvent, Event, JsonLinesWriter, Listener, Listeners, log_event
+from ._gc import GC_CLOCK
 from ._options import Options
 from ._sentinel import Heartbeat, current_backend, run_sentinel
 from ._stats import OTHER, StatsTable, ToolNames
@@ -185,6 +186,7 @@ class Monitor:
             cpu_clock=thread_cpu_clock(thread_id),
             demand_clock=thread_demand_clock(threading.get_native_id()),
             sampler=thread_sampler(thread_id),
+            gc_time=GC_CLOCK.within,
             emit=self._on_block,
             blocking=self._on_blocking,
             include_arguments=opts.include_arguments,
@@ -192,6 +194,7 @@ class Monitor:
         self.heartbeat, self.loop_thread_id = heartbeat, thread_id
         self.backend = _backend_name()
         self.started_at = time.time()
+        GC_CLOCK.acquire()
         self._watchdog = Watchdog(detector, housekeeping=self.pump, watched=_loop_watched())
         self._watchdog.start()
         return heartbeat
@@ -214,6 +217,7 @@ class Monitor:
         watchdog, self._watchdog = self._watchdog, None
         if watchdog is not None:
             watchdog.stop()
+            GC_CLOCK.release()
             close = getattr(watchdog.detector.demand_clock, "close", None)
             if close is not None:
                 close()

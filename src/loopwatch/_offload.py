@@ -373,7 +373,7 @@ class Offloader:
             self._strike(call, time.time(), f"blocking the loop ({elapsed * 1000:.0f} ms so far)", where)
 
     def on_block(self, event: BlockEvent, call: Any) -> None:
-        if event.kind == "import":
+        if event.kind in ("import", "gc"):  # an import blocks once; a collection stops every thread alike
             return
         reason = f"blocked the loop {event.duration_s * 1000:.0f} ms [{event.kind}]"
         if event.kind == "cpu":

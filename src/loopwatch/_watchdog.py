@@ -74,12 +74,17 @@ class _Block:
         return None
 
 
-def classify(duration: float, demand_s: float | None, starved_s: float, importing: bool) -> BlockKind:
+def classify(
+    duration: float, demand_s: float | None, starved_s: float, importing: bool, gc_s: float = 0.0
+) -> BlockKind:
     """The kind of a block, from the loop thread's demand for CPU and whether the watchdog could run at all.
 
     Demand is CPU time plus time spent runnable but waiting for a core: on a loaded machine a crunch
-    gets less CPU than wall time, but it never sleeps.
+    gets less CPU than wall time, but it never sleeps. A block the garbage collector held for half its
+    time or more is `gc`, whatever code happened to allocate when the collection began.
     """
+    if gc_s * 2 >= duration > 0:
+        return "gc"
     if importing:
         return "import"
     if demand_s is None:
@@ -112,6 +117,7 @@ class Detector:
         cpu_clock: CpuClock = lambda: None,
         demand_clock: CpuClock | None = None,
         sampler: Sampler = lambda: None,
+        gc_time: Callable[[float, float], float] = lambda start, end: 0.0,
         emit: Callable[[BlockEvent, CallRecord | None], None] = lambda e, c: None,
         blocking: Callable[[CallRecord, float, bool, tuple[Any, ...]], None] = lambda c, s, i, st: None,
         include_arguments: bool = False,
@@ -124,6 +130,8 @@ class Detector:
         self.clock, self.wall, self.cpu_clock, self.sampler, self.emit = clock, wall, cpu_clock, sampler, emit
         self.demand_clock = demand_clock or cpu_clock
         """Read only while a block is sampled: it may cost a syscall that lets the GIL go."""
+        self.gc_time = gc_time
+        """Seconds the garbage collector ran between two times of `clock`."""
         self.include_arguments = include_arguments
         self._last_poll = clock()
         self._expected_gap = poll_interval
@@ -160,15 +168,17 @@ class Detector:
             if sample is not None:
                 block.add(sample, starved)
                 block.account(sample.stack, now, self.demand_clock())
-                self._announce(block, now - beat_time - self.hb.interval)
+                self._announce(block, now - beat_time - self.hb.interval, now)
         while self.hb.late:
             self._finish(*self.hb.late.popleft(), now=now, cpu=cpu)
         self._expected_gap = self._next_wait(now, beat_time)
         return self._expected_gap
 
-    def _announce(self, block: _Block, elapsed: float) -> None:
+    def _announce(self, block: _Block, elapsed: float, now: float) -> None:
         if block.announced:
             return
+        if self.gc_time(now - elapsed, now) * 2 >= elapsed:
+            return  # the collector's so far: no call to tell about yet
         holder = block.holder()
         if holder is not None:
             block.announced = True
@@ -191,18 +201,20 @@ class Detector:
         cpu_s = None if cpu is None or cpu0 is None else min(max(0.0, cpu - cpu0), lag)
         demand_s = _demand(block, cpu_s, lag)
         starved_s = sum(overlap(end - lag, end, a, b) for a, b in self._starved)
+        gc_s = min(lag, self.gc_time(end - lag, end))
         profile = summarize(block.samples)
-        kind = classify(lag, demand_s, starved_s, profile.importing)
+        kind = classify(lag, demand_s, starved_s, profile.importing, gc_s)
         kind = self._kind_of_hottest(block, kind)
-        if kind == "gil":
+        if kind in ("gil", "gc"):
             # Samples taken after the GIL came back show whatever runs then: keep only the call,
             # and only when the watchdog saw it on the loop before the GIL was taken.
             calls = {key: c for key, c in block.honest_calls.items() if c is not None}
             call = next(iter(calls.values())) if len(calls) == 1 else None
-            self.emit(self._event(kind, lag, cpu_s, now, end, (), call, block.taken, None), call)
+            self.emit(self._event(kind, lag, cpu_s, now, end, (), call, block.taken, None, gc_s), call)
             return
         call = profile.call
-        self.emit(self._event(kind, lag, cpu_s, now, end, profile.stack, call, block.taken, profile.module), call)
+        event = self._event(kind, lag, cpu_s, now, end, profile.stack, call, block.taken, profile.module, gc_s)
+        self.emit(event, call)
 
     @staticmethod
     def _kind_of_hottest(block: _Block, kind: BlockKind) -> BlockKind:
@@ -223,7 +235,9 @@ class Detector:
             best = cpu
         return best
 
-    def _event(self, kind, lag, cpu_s, now, end, frames, call: CallRecord | None, taken, module) -> BlockEvent:
+    def _event(
+        self, kind, lag, cpu_s, now, end, frames, call: CallRecord | None, taken, module, gc_s
+    ) -> BlockEvent:
         start_wall = self.wall() - (now - end) - lag
         return BlockEvent(
             time=round(start_wall, 6),
@@ -234,6 +248,7 @@ class Detector:
             request_id=None if call is None or call.request_id is None else str(call.request_id),
             session_id=call.session_id() if call else None,
             cpu_s=round(cpu_s or 0.0, 6),
+            gc_s=round(gc_s, 6),
             samples=taken,
             frames=frames,
             culprit=culprit_frame(frames) if frames else None,

@@ -525,6 +525,8 @@ def block_attributes(event: BlockEvent) -> dict[str, Any]:
         "loopwatch.cpu_s": event.cpu_s,
         "loopwatch.samples": event.samples,
     }
+    if event.gc_s:
+        attributes["loopwatch.gc_s"] = event.gc_s
     where = event.culprit or (event.frames[-1] if event.frames else None)
     if where is not None:
         attributes["code.function.name"] = where.function

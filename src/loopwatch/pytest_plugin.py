@@ -67,8 +67,8 @@ def pytest_load_initial_conftests(early_config: pytest.Config, args: list[str]) 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        f"{MARKER}(threshold={DEFAULT_THRESHOLD}): fail this async test when it blocks the event loop "
-        "for threshold seconds or more (loopwatch)",
+        f"{MARKER}(threshold={DEFAULT_THRESHOLD}, gc=False): fail this async test when it blocks the event "
+        "loop for threshold seconds or more; with gc=True, also when the garbage collector does (loopwatch)",
     )
     value = config.getoption(_DEST)
     if value is not None and _seconds(value) is None:
@@ -93,7 +93,8 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
     _warm_up()  # here, while no loop runs
     # pytest-asyncio and anyio both run whatever `item.obj` is at this point on the test's loop.
     original = item.obj
-    item.obj = _watched(original, threshold)
+    marker = item.get_closest_marker(MARKER)
+    item.obj = _watched(original, threshold, bool(marker is not None and marker.kwargs.get("gc", False)))
     try:
         return (yield)
     finally:
@@ -131,11 +132,11 @@ def _is_plain_async_test(item: pytest.Item) -> bool:
     )
 
 
-def _watched(test: AsyncTest, threshold: float) -> AsyncTest:
+def _watched(test: AsyncTest, threshold: float, gc: bool = False) -> AsyncTest:
     @functools.wraps(test)
     async def watched(*args: Any, **kwargs: Any) -> Any:
         __tracebackhide__ = True
-        async with _guarding(threshold, {}) as guard:
+        async with _guarding(threshold, {"gc": gc}) as guard:
             result = await test(*args, **kwargs)
         offending = guard.offending()
         if offending:

@@ -59,11 +59,19 @@ class LoopBlockedError(AssertionError):
 
 
 class BlockCollector(Sequence[BlockEvent]):
-    """The blocks seen so far, in order. The watchdog thread appends; read it on the loop."""
+    """The blocks seen so far, in order. The watchdog thread appends; read it on the loop.
 
-    def __init__(self, monitor: Monitor) -> None:
+    Blocks the garbage collector held (kind `gc`) are left out unless `gc` is true: a collection's
+    cost is the whole process heap's, so it says nothing about the code under test, and it comes
+    at whatever moment the test process's allocations add up.
+    """
+
+    def __init__(self, monitor: Monitor, gc: bool = False) -> None:
         self.monitor = monitor
         self.threshold = monitor.options.threshold
+        self.gc = gc
+        self.collections: list[BlockEvent] = []
+        """The `gc` blocks left out."""
         self._events: list[BlockEvent] = []
         self._beats = 0
         self._late = 0
@@ -72,7 +80,10 @@ class BlockCollector(Sequence[BlockEvent]):
 
     def _on_event(self, event: Event) -> None:
         if isinstance(event, BlockEvent):
-            self._events.append(event)
+            if event.kind == "gc" and not self.gc:
+                self.collections.append(event)
+            else:
+                self._events.append(event)
 
     def _on_lag(self, lag: float) -> None:
         # Every beat the sentinel found late becomes exactly one BlockEvent: counting them here
@@ -134,7 +145,7 @@ class BlockCollector(Sequence[BlockEvent]):
         if self._beats != counted or counted + len(waiting) != heartbeat.beat[0]:
             return None
         late = self._late + sum(lag >= self.threshold for lag in waiting)
-        return max(0, late - len(self._events))
+        return max(0, late - len(self._events) - len(self.collections))
 
     async def _started(self) -> None:
         """Wait for the sentinel's first run: a block before it would shift its baseline unseen."""
@@ -183,13 +194,14 @@ def _warm_up() -> None:
 
 @asynccontextmanager
 async def _collecting(threshold: float, options: dict[str, Any]) -> AsyncIterator[BlockCollector]:
+    gc = bool(options.pop("gc", False))
     options.setdefault("log_blocks", False)
     if not _warm and "mcp.client.session" in sys.modules:
         await anyio.to_thread.run_sync(_warm_up)  # off the loop: importing would block it
     raised: BaseException | None = None
     try:
         async with watch(threshold=threshold, **options) as monitor:
-            blocks = BlockCollector(monitor)
+            blocks = BlockCollector(monitor, gc=gc)
             await blocks._started()
             try:
                 yield blocks
@@ -232,7 +244,8 @@ async def collect_blocks(
 ) -> AsyncIterator[BlockCollector]:
     """Collect the blocks of the running loop while the `async with` runs.
 
-    `threshold` is in seconds; other keyword arguments are `loopwatch.watch()` options. Blocks
+    `threshold` is in seconds; `gc=True` collects the garbage collector's blocks too (left out by
+    default: see BlockCollector); other keyword arguments are `loopwatch.watch()` options. Blocks
     collected here are the test's to assert on: an enclosing `no_blocking` (or the pytest plugin)
     does not fail because of them.
     """
@@ -289,7 +302,8 @@ async def _guarding(threshold: float, options: dict[str, Any]) -> AsyncIterator[
 async def no_blocking(threshold: float = DEFAULT_THRESHOLD, **options: Any) -> AsyncIterator[BlockCollector]:
     """Raise LoopBlockedError on exit when the loop was blocked for `threshold` seconds or more inside.
 
-    When the body raises, its exception propagates instead, with a note naming the blocks seen.
+    A block the garbage collector held fails only with `gc=True`. When the body raises, its exception
+    propagates instead, with a note naming the blocks seen.
     """
     __tracebackhide__ = True
     async with _guarding(threshold, options) as guard:

@@ -1,0 +1,80 @@
+"""When the garbage collector ran: a collection holds the GIL, so the loop stands still through it.
+
+A collection is triggered by whichever thread allocates; it stops every thread, the loop's included, and
+its cost grows with the whole heap, not with the code that happened to allocate. One callback in
+`gc.callbacks` for the process notes the collections that took a millisecond or more, on the monotonic
+clock the sentinel uses, so a block can say how much of it was the collector's.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from collections import deque
+from typing import Any
+
+MIN_PAUSE = 0.001
+"""Collections shorter than this are not kept: a young-generation pass takes microseconds."""
+KEPT = 256
+
+
+class GcClock:
+    """Collections of a millisecond or more, while at least one monitor watches."""
+
+    def __init__(self, clock: Any = time.monotonic, keep: int = KEPT) -> None:
+        self._clock = clock
+        self._pauses: deque[tuple[float, float, int]] = deque(maxlen=keep)
+        self._started: float | None = None
+        self._users = 0
+        self._lock = threading.Lock()
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        # Collections never overlap: they run holding the GIL, and the collector refuses to re-enter.
+        if phase == "start":
+            self._started = self._clock()
+            return
+        started, self._started = self._started, None
+        if started is not None:
+            ended = self._clock()
+            if ended - started >= MIN_PAUSE:
+                self._pauses.append((started, ended, info.get("generation", 0)))
+
+    def acquire(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                gc.callbacks.append(self._callback)
+            self._users += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._users = max(0, self._users - 1)
+            if self._users == 0 and self._callback in gc.callbacks:
+                gc.callbacks.remove(self._callback)
+
+    def note(self, started: float, ended: float, generation: int = 2) -> None:
+        """Record a pause directly (tests; collectors this process does not see)."""
+        self._pauses.append((started, ended, generation))
+
+    def within(self, start: float, end: float) -> float:
+        """Seconds of collection between `start` and `end` (monotonic), a collection still going on included
+        (one whose finalizers let the GIL go, so the watchdog runs meanwhile)."""
+        ongoing = self._started
+        for _ in range(3):
+            try:
+                pauses = tuple(self._pauses)
+                break
+            except RuntimeError:  # a collection ended while the copy was taken
+                continue
+        else:
+            return 0.0
+        if ongoing is not None:
+            pauses += ((ongoing, end, 0),)
+        total = 0.0
+        for began, ended, _ in pauses:
+            if ended > start and began < end:
+                total += min(ended, end) - max(began, start)
+        return total
+
+
+GC_CLOCK = GcClock()

@@ -5,7 +5,9 @@
 Each round opens an in-memory client on the bare server, then on the wrapped one (whose monitor, sentinel
 and watchdog thread start with the client, so their cost is in the figure), in alternating order, and
 times `calls` sequential tools/call round trips of a no-op async tool. Prints the median of the per-round
-ratios (target <= 1.03) and, for scale, the SDK's own OpenTelemetryMiddleware against no middleware.
+ratios (target <= 1.03) and, for scale, the SDK's own OpenTelemetryMiddleware against no middleware. An A/A
+line (a second bare server against the first) shows how far apart two identical configurations land on
+this machine in this run: differences smaller than its spread are noise.
 """
 
 from __future__ import annotations
@@ -43,13 +45,14 @@ async def timed_round(server: MCPServer, calls: int) -> float:
 
 async def main(rounds: int, calls: int) -> None:
     bare = make_server("bare")
+    bare_again = make_server("bare-again")
     core = make_server("core")
     loopwatch.instrument(core, traces=False, log_blocks=False)
     default = make_server("default")
     loopwatch.instrument(default)
     no_mw = make_server("no-middleware")
     no_mw.middleware.clear()  # the SDK's OpenTelemetryMiddleware removed, for scale
-    servers = {"bare": bare, "core": core, "default": default, "none": no_mw}
+    servers = {"bare": bare, "core": core, "default": default, "none": no_mw, "bare-again": bare_again}
     for server in servers.values():  # warm-up, discarded: the first run of anything in a process is slow
         await timed_round(server, calls)
     times: dict[str, list[float]] = {name: [] for name in servers}
@@ -62,6 +65,7 @@ async def main(rounds: int, calls: int) -> None:
     report("loopwatch core (traces=False) vs bare", times["bare"], times["core"])
     report("loopwatch defaults vs bare", times["bare"], times["default"])
     report("SDK OpenTelemetryMiddleware vs none", times["none"], times["bare"])
+    report("A/A: bare vs the same bare again", times["bare"], times["bare-again"])
 
 
 def report(label: str, base: list[float], other: list[float]) -> None:

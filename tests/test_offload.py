@@ -23,7 +23,7 @@ def wrapped(**options):
 
 def events_of(handle, kind):
     cls = loopwatch.OffloadEvent if kind == "offloaded" else loopwatch.BlockEvent
-    return [e for e in handle.monitor.recent if isinstance(e, cls)]
+    return [e for e in handle.monitor.recent if isinstance(e, cls) and getattr(e, "kind", None) != "gc"]
 
 
 async def beside(client, name, args, honest=8, **kwargs):

@@ -63,7 +63,8 @@ def is_move(event: dict, tool: str) -> bool:
 
 
 def is_block(event: dict, tool: str) -> bool:
-    return event.get("event") == "loop_blocked" and event.get("tool") == tool
+    """A block blamed on `tool`: a garbage collection during its call (kind gc) is the heap's, not the tool's."""
+    return event.get("event") == "loop_blocked" and event.get("tool") == tool and event.get("kind") != "gc"
 
 
 def where(event: dict) -> str:

@@ -68,7 +68,7 @@ class GcClock:
                 continue
         else:
             return 0.0
-        if ongoing is not None:
+        if ongoing is not None and not (pauses and pauses[-1][0] == ongoing):  # not if it ended meanwhile
             pauses += ((ongoing, end, 0),)
         total = 0.0
         for began, ended, _ in pauses:

@@ -50,16 +50,35 @@ async def threads_left(before: set, timeout: float = 10.0) -> list:
     return left()
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(span: int = 1) -> int:
-    """A free port on 127.0.0.1, with the next `span - 1` ports free too (a console takes three)."""
+    """A free port on 127.0.0.1, with the next `span - 1` ports free too (a console takes three).
+
+    Drawn below the kernel's ephemeral range: a port the kernel handed out by `bind(0)` and released goes
+    back into the pool that outgoing connections take their local ports from, and CI once lost a console's
+    port to one between the probe and the listen. Ports below that range are taken only when asked for.
+    """
+    import random
     import socket
 
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port + span > 65535:
-            continue
+    low, _ = _ephemeral_range()
+    floor = 10000 if low > 12000 else 1024
+    for _ in range(200):
+        if low - span > floor:
+            port = random.randrange(floor, low - span)
+        else:  # no room below the ephemeral range on this machine: take the kernel's choice
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            if port + span > 65535:
+                continue
         try:
             for offset in range(span):
                 with socket.socket() as taken:

@@ -85,7 +85,7 @@ def make_server(
 def instrument(server, **options):
     options = {
         "monitor": True,
-        "monitor_port": free_port(),
+        "monitor_port": free_port(3),
         "offload": "off",
         "log_blocks": False,
         "traces": False,
@@ -293,7 +293,7 @@ async def test_help_lists_every_lw_command_with_what_it_does(anyio_backend):
 async def test_servers_on_one_loop_share_a_console_and_tool_commands_find_the_one_with_the_tool(
     anyio_backend,
 ):
-    port = free_port()
+    port = free_port(3)
     alpha, beta = make_server("alpha"), make_server("beta", extra_tool="fetch")
     a = instrument(alpha, monitor_port=port)
     b = instrument(beta, monitor_port=port)

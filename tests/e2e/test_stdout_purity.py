@@ -84,7 +84,7 @@ def test_warnings_logs_prints_reports_the_console_the_metrics_and_a_crash_all_st
     # one at a time would need a reader; the server handles them in order of arrival, the crash comes last
     payload = "".join(json.dumps(m) + "\n" for m in calls[:4]).encode()
     code, out, err = run_loopwatch(
-        ["--debug", "run", str(server), "--threshold", "0.05", "--monitor", "--monitor-port", str(free_port()),
+        ["--debug", "run", str(server), "--threshold", "0.05", "--monitor", "--monitor-port", str(free_port(3)),
          "--metrics-port", "0", "--events", str(tmp_path / "events.jsonl")],
         stdin=payload + (json.dumps(calls[4]) + "\n").encode(),
     )

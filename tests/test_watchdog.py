@@ -315,3 +315,42 @@ def test_collections_outside_a_block_are_not_counted_in_it():
     w.healthy(0.03)
     [(event, _)] = w.events
     assert (event.kind, event.gc_s) == ("cpu", 0.0)
+
+
+class LongSleeper:
+    """A detector whose every poll asks for a long sleep: only a wake-up makes the watchdog poll sooner."""
+
+    def __init__(self):
+        self.hb = Heartbeat(0.01, 0.1)
+        self.poll_interval = 0.01
+        self.polls = 0
+
+    def poll(self):
+        self.polls += 1
+        return 30.0
+
+
+def test_the_sentinel_wakes_a_due_watchdog_at_its_beat_and_a_stop_wakes_it_at_once():
+    import threading
+    import time
+
+    from loopwatch._watchdog import Watchdog
+
+    detector = LongSleeper()
+    dog = Watchdog(detector)
+    dog.start()
+    try:
+        deadline = time.monotonic() + 10
+        while detector.polls < 1 and time.monotonic() < deadline:  # the first poll, after poll_interval
+            time.sleep(0.01)
+        assert detector.polls == 1
+        dog.handoff(dog.due_at - 5.0)  # a beat long before the watchdog is due: nothing happens
+        dog.handoff(dog.due_at - detector.hb.interval)  # the last beat before it is due: the sentinel wakes it
+        while detector.polls < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert detector.polls == 2  # long before its own 30 s timer
+    finally:
+        dog.stop(timeout=10)
+    assert not dog.is_alive()  # stop woke it too, without waiting for the timer
+    assert detector.polls == 3  # the last poll on the way out
+    assert not [t for t in threading.enumerate() if t.name == "loopwatch-watchdog" and t is dog._thread]

@@ -237,9 +237,11 @@ class Monitor:
             self.pump()
 
     def _on_block(self, event: BlockEvent, call: CallRecord | None = None) -> None:
-        if call is not None:
+        # A collection during a call is the heap's cost: told (events, metrics by kind), not counted as the call's.
+        blamed = event.kind != "gc"
+        if call is not None and blamed:
             call.blocked_s += event.duration_s
-        row = self.stats.tool(call.label if call else OTHER) if event.method == "tools/call" else None
+        row = self.stats.tool(call.label if call else OTHER) if event.method == "tools/call" and blamed else None
         if row is not None:
             row.blocks += 1
             row.blocked_s += event.duration_s

@@ -47,15 +47,21 @@ class World:
             self.beat()
             self.detector.poll()
 
+    def run(self, seconds, cpu_share=1.0, runnable_share=0.0):
+        """The loop thread runs without beating, the watchdog polling every 10 ms."""
+        until = self.now + seconds
+        while self.now + 0.01 <= until + 1e-9:
+            self.now += 0.01
+            self.cpu += 0.01 * cpu_share
+            self.runnable += 0.01 * runnable_share
+            self.detector.poll()
+
     def block(self, seconds, cpu_share, sample=None, watchdog_runs=True):
         """The loop stalls; the watchdog polls through it (or, with the GIL held, can't)."""
         self.sample = sample
         start = self.now
         if watchdog_runs:
-            while self.now + 0.01 <= start + seconds + 1e-9:
-                self.now += 0.01
-                self.cpu += 0.01 * cpu_share
-                self.detector.poll()
+            self.run(seconds, cpu_share)
         else:
             self.now += seconds
             self.cpu += seconds * cpu_share
@@ -114,10 +120,7 @@ def test_a_gil_block_keeps_the_call_seen_before_the_gil_was_taken():
     w.sample = Sample(TOOL_STACK, record)
     # 150 ms of Python the watchdog samples, then 600 ms in a native call that holds the GIL.
     start = w.now
-    while w.now < start + 0.15 - 1e-9:
-        w.now += 0.01
-        w.cpu += 0.01
-        w.detector.poll()
+    w.run(0.15)
     w.now += 0.6
     w.cpu += 0.6
     w.detector.poll()  # the watchdog wakes once the GIL is back; the loop has not beaten yet
@@ -173,13 +176,8 @@ def test_two_blocks_between_two_polls_are_two_events_each_with_its_own_cpu():
 def test_a_crunch_preempted_by_a_busy_machine_is_still_a_cpu_block():
     w = World()
     w.healthy()
-    start = w.now
     w.sample = Sample(TOOL_STACK, call("crunch"))
-    while w.now < start + 0.3 - 1e-9:
-        w.now += 0.01
-        w.cpu += 0.004  # on the CPU 40% of the time...
-        w.runnable += 0.005  # ...and waiting for a core most of the rest: never asleep
-        w.detector.poll()
+    w.run(0.3, cpu_share=0.4, runnable_share=0.5)  # on the CPU 40% of the time, waiting for a core the rest
     w.now += 0.01
     w.beat(lag=0.3)
     w.healthy(0.03)
@@ -271,17 +269,9 @@ def test_a_collection_during_a_call_keeps_the_call_and_is_never_announced_as_the
     record = call("report")
     w.sample = Sample(TOOL_STACK, record)
     start = w.now
-
-    def run_tool(seconds):
-        until = w.now + seconds
-        while w.now < until - 1e-9:
-            w.now += 0.01
-            w.cpu += 0.01
-            w.detector.poll()
-
-    run_tool(0.03)
+    w.run(0.03)
     collect_garbage(w, 0.25, sample=Sample(TOOL_STACK, record))
-    run_tool(0.04)  # the watchdog wakes once the collection ends and sees the call go on
+    w.run(0.04)  # the watchdog wakes once the collection ends and sees the call go on
     w.now += 0.01
     w.beat(lag=w.now - start - 0.01)
     w.healthy(0.03)

@@ -349,6 +349,7 @@ class Watchdog:
         self.due_at = float("inf")
         """Monotonic time of the next poll: from then on the watchdog waits for the GIL (see `handoff`)."""
         self._handed_off_for = 0.0
+        self._beat_interval = detector.hb.interval
 
     def start(self) -> None:
         self._thread.start()
@@ -374,7 +375,7 @@ class Watchdog:
         wakes it and pauses with the GIL released, once, for it to take: the watchdog runs in step with the
         beats. While the loop is blocked there are no beats, and the watchdog's own timer wakes it."""
         due = self.due_at
-        if now >= due - self.detector.hb.interval and self._handed_off_for != due:
+        if now >= due - self._beat_interval and self._handed_off_for != due:
             self._handed_off_for = due
             self._release()
             time.sleep(GIL_HANDOFF)

@@ -42,6 +42,43 @@ async def test_a_blocking_tool_among_honest_calls_is_blamed_with_its_line_and_no
     assert handle.snapshot()["tools"]["lookup"]["blocks"] == 1
 
 
+class SeenCalls:
+    """A call hook (as traces and metrics add): with one, the middleware hands each call a CallRecord."""
+
+    def __init__(self):
+        self.started = []
+
+    def start(self, call):
+        self.started.append(call)
+
+    def end(self, call, duration, error):
+        pass
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["no-hooks", "hooks"])
+async def test_blame_is_the_same_whether_or_not_a_call_hook_is_installed(anyio_backend, hooked):
+    server = fresh("inventory_server", "mcp")
+    handle = loopwatch.instrument(server, threshold=0.1, log_blocks=False, traces=False)
+    seen = SeenCalls()
+    if hooked:
+        handle.middleware.add_hook(seen)
+    async with client_for(server) as client:
+        await run_beside(client, "lookup", {"sku": "A-1"})
+        await settle(handle.monitor)
+    [event] = blamed_on(handle, "lookup")
+    assert (event.kind, event.method, event.tool) == ("wait", "tools/call", "lookup")
+    assert event.frames[-1].function == "fetch_record"
+    assert blamed_on(handle, "ping") == []
+    assert handle.snapshot()["tools"]["lookup"]["blocks"] == 1
+    assert handle.snapshot()["tools"]["ping"]["calls"] == 8
+    if hooked:
+        [record] = [c for c in seen.started if c.tool == "lookup"]
+        assert str(record.request_id) == event.request_id
+        assert record.blocked_s == event.duration_s  # the block is charged to the very record the hooks hold
+    else:
+        assert seen.started == []
+
+
 async def test_a_crunching_tool_is_a_cpu_block_on_its_own_line(anyio_backend):
     server = fresh("inventory_server", "mcp")
     handle = loopwatch.instrument(server, threshold=0.1, log_blocks=False, traces=False)
@@ -154,6 +191,7 @@ async def test_a_watchdog_thread_that_dies_is_reported_and_replaced(anyio_backen
     async with loopwatch.watch(threshold=0.1, log_blocks=False) as monitor:
         first = monitor._watchdog
         first._stop.set()  # the thread ends as if it had died...
+        first._release()  # (at once: a join that waited out its sleep would block the loop itself)
         first._thread.join(5)
         first._stop.clear()  # ...without anyone having asked it to stop
         with caplog.at_level(logging.ERROR, logger="loopwatch"), anyio.fail_after(10):

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import anyio
 
-from ._blame import CallRecord, register_call_frame
+from ._blame import CallRecord, record_from_context, register_call_frame
 from ._monitor import Monitor
 from ._options import Options
 from ._stats import OTHER, ToolNames
@@ -44,15 +44,66 @@ class LoopwatchMiddleware:
         self.stats = monitor.stats
         self.tools = monitor.tools
         self.hooks: tuple[CallHook, ...] = ()
-        self.known = monitor.tools.known  # the same set: a fast path for the common case
+        self.known = monitor.tools.known  # the same set: a fast path for the common case (hooked path)
         self.rows = monitor.stats.tools
         self.offloaded: dict[str, str] = {}
         """Tools the offloader moved off the loop (shared with it)."""
 
     async def __call__(self, ctx: Any, call_next: Callable[[Any], Any]) -> Any:
+        """Every request. With no call hooks (no traces, no metrics) nothing is allocated per call: the
+        watchdog builds the call's record from this frame's locals (`ctx`, `label`, `start`) only when a
+        block is sampled (`_read_served`). A per-call object cost more than the rest of the path together
+        (measured: 1.7% of an in-memory round trip against 0.2% for the table updates)."""
         request_id = ctx.request_id
         if request_id is None:
             return await call_next(ctx)
+        if self.hooks:
+            return await self._call_with_hooks(ctx, call_next, request_id)
+        method = ctx.method
+        if method != "tools/call":
+            return await self._serve_method(ctx, call_next, method)
+        params = ctx.params
+        name = params.get("name") if params else None
+        row = self.rows.get(name) if name.__class__ is str else None  # rows are keyed by label: a known name
+        if row is None:
+            label = self.tools.label(name)
+            row = self.rows.get(label) or self.stats.tool(label)
+        else:
+            label = name
+        row.in_flight += 1
+        start = perf_counter()
+        try:
+            result = await call_next(ctx)
+        except BaseException:
+            row.finish(perf_counter() - start, True)
+            raise
+        duration = perf_counter() - start
+        error = result.get("isError") is True if result.__class__ is dict else _is_tool_error(result)
+        row.in_flight -= 1  # CallStats.finish, inlined: this is every call's path
+        row.calls += 1
+        row.errors += error
+        row.durations.append(duration)
+        if label == OTHER and not error and name.__class__ is str and self.tools.learns_from_success:
+            self.tools.admit(name[:TOOL_NAME_MAX])
+        return result
+
+    async def _serve_method(self, ctx: Any, call_next: Callable[[Any], Any], method: str) -> Any:
+        """Every request but tools/call, with no call hooks."""
+        row = self.stats.method(method)
+        row.in_flight += 1
+        start = perf_counter()
+        try:
+            result = await call_next(ctx)
+        except BaseException:
+            row.finish(perf_counter() - start, True)
+            raise
+        row.finish(perf_counter() - start, False)
+        if method == "tools/list":
+            self.tools.admit_all(_listed_names(result))
+        return result
+
+    async def _call_with_hooks(self, ctx: Any, call_next: Callable[[Any], Any], request_id: Any) -> Any:
+        """Every request while an integration watches calls (traces, metrics): its hooks see a CallRecord."""
         method = ctx.method
         if method == "tools/call":
             name = ctx.params.get("name") if ctx.params else None
@@ -83,12 +134,8 @@ class LoopwatchMiddleware:
             raise
         duration = perf_counter() - start
         error = bool(label) and (result.get("isError") is True if result.__class__ is dict else _is_tool_error(result))
-        row.in_flight -= 1  # CallStats.finish, inlined: this is every call's path
-        row.calls += 1
-        row.errors += error
-        row.durations.append(duration)
-        if hooks:
-            self._end_hooks(hooks, _lw_call, duration, "tool_error" if error else None)
+        row.finish(duration, error)
+        self._end_hooks(hooks, _lw_call, duration, "tool_error" if error else None)
         if label:
             if label == OTHER and not error and self.tools.learns_from_success and _lw_call.tool:
                 self.tools.admit(_lw_call.tool)
@@ -129,7 +176,31 @@ def error_type(exc: BaseException) -> str:
     return type(exc).__qualname__
 
 
-register_call_frame(LoopwatchMiddleware.__call__.__code__)
+def _read_served(frame: Any) -> CallRecord | None:
+    """The call a frame of `LoopwatchMiddleware.__call__` or `_serve_method` serves, from its locals (on the
+    watchdog thread, only while a block is sampled)."""
+    try:
+        local = frame.f_locals
+    except Exception:
+        return None
+    if "start" not in local:  # not yet timing, or handed to `_call_with_hooks` (whose frame is read first)
+        return None
+    call = record_from_context(local.get("ctx"))
+    if call is None:
+        return None
+    call.started = local["start"]
+    label = local.get("label")
+    if isinstance(label, str) and label:
+        call.label = label
+        middleware = local.get("self")
+        if label in getattr(middleware, "offloaded", ()):
+            call.execution = "thread"
+    return call
+
+
+register_call_frame(LoopwatchMiddleware.__call__.__code__, _read_served)
+register_call_frame(LoopwatchMiddleware._serve_method.__code__, _read_served)
+register_call_frame(LoopwatchMiddleware._call_with_hooks.__code__)
 
 
 def _is_tool_error(result: Any) -> bool:

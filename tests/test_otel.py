@@ -317,6 +317,35 @@ async def test_uninstrument_removes_every_hook_and_middleware_it_added(module, a
     assert handle.middleware.hooks == ()
 
 
+@ASYNCIO
+@pytest.mark.parametrize(("module", "attr"), SERVERS)
+async def test_without_a_tracer_provider_requests_carry_no_hook_and_one_set_later_is_joined(
+    module, attr, spans, handles, anyio_backend, monkeypatch
+):
+    unset = trace.ProxyTracerProvider()
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: unset)  # as in a program that set none (yet)
+    server = fresh(module, attr)
+    chain = lowlevel_server(server).middleware
+    before = list(chain)
+    handle = loopwatch.instrument(server, log_blocks=False)
+    handles.append(handle)
+    assert handle.middleware.hooks == ()
+    assert [m for m in chain if m not in before] == [handle.middleware]  # no inner middleware either
+    async with client_for(server) as client:
+        await client.call_tool("ping", {"n": 1})
+        assert handle.middleware.hooks == ()
+        monkeypatch.undo()  # the program sets its provider while the server runs
+        with anyio.fail_after(15):
+            while not handle.middleware.hooks:  # noqa: ASYNC110 - joined by the loop's once-a-second check
+                await anyio.sleep(0.05)
+        spans.clear()
+        await client.call_tool("ping", {"n": 2})
+    done = await finished(spans, one_server_span("tools/call ping"))
+    (span,) = server_spans(done, "tools/call ping")
+    assert span.attributes["loopwatch.execution"] == "loop"
+    assert span.attributes["gen_ai.tool.name"] == "ping"
+
+
 # -- the held end, step by step (no threads, no sleeps) -----------------------------------------------
 
 

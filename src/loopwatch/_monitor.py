@@ -83,6 +83,8 @@ class Monitor:
         self.where: Callable[[str], str] = lambda tool: "loop"
         self.start_hooks: list[Callable[[], None]] = []
         """Called on the loop thread when watching starts (after the watchdog is up)."""
+        self.loop_checks: list[Callable[[], None]] = []
+        """Called on the loop thread about once a second while it is watched (keep them cheap)."""
         self.stop_hooks: list[Callable[[], None]] = []
         """Called on the loop thread when watching stops (before the watchdog goes)."""
         self.services: list[Callable[[], AbstractAsyncContextManager[Any]]] = []
@@ -128,7 +130,7 @@ class Monitor:
             async with _original_errors(raised), anyio.create_task_group() as tg, AsyncExitStack() as services:
                 self.task_group = tg
                 heartbeat = self._start()
-                await tg.start(run_sentinel, heartbeat, time.monotonic, self._check_watchdog, self._handoff)
+                await tg.start(run_sentinel, heartbeat, time.monotonic, self._check, self._handoff)
                 try:
                     for service in list(self.services):
                         await services.enter_async_context(service())
@@ -204,8 +206,14 @@ class Monitor:
         if watchdog is not None:
             watchdog.handoff(now)
 
+    def _check(self) -> None:
+        """On the loop, about once a second."""
+        self._check_watchdog()
+        if self.loop_checks:
+            self._run_hooks(self.loop_checks, "loop check")
+
     def _check_watchdog(self) -> None:
-        """On the loop, about once a second: a watchdog thread that died is reported and replaced."""
+        """A watchdog thread that died is reported and replaced."""
         watchdog = self._watchdog
         if watchdog is None or watchdog.is_alive() or watchdog.stopping:
             return

@@ -89,9 +89,12 @@ class Tracing:
             self.hook: Any = CurrentSpanHook(self.closer)
         else:
             self.inner = RequestSpanMiddleware(tracer, self.closer, self.configured)
-            self.hook = SlotHook(self.arm)
-            self.hook.armed = self.arm()
-        handle.middleware.add_hook(self.hook)
+            self.hook = SlotHook()
+        self.attached = False
+        self._attach()
+        if not self.attached:
+            self.monitor.start_hooks.append(self._attach)
+            self.monitor.loop_checks.append(self._attach)
         self.monitor.block_hooks.append(self.evidence.on_block)
         self.monitor.blocking_hooks.append(self.evidence.on_blocking)
         self.monitor.add_listener(self.evidence.on_event)
@@ -114,16 +117,29 @@ class Tracing:
         self._configured = not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
         return self._configured
 
-    def arm(self) -> bool:
-        """Put the inner middleware in the chain once spans can be recorded; until then it would cost for nothing."""
-        if not self.configured():
-            return False
+    def _attach(self) -> None:
+        """Join the requests once spans can be recorded: the call hook on loopwatch's middleware, and the inner
+        middleware in the chain. Until then they would cost every request for nothing (a hook makes the
+        middleware build a CallRecord per call), so without an SDK they stay out: checked at install, when
+        watching starts, and about once a second on the loop. A provider set while the server runs is used
+        from the next check on."""
+        if self.attached or not self.configured():
+            return
+        self.attached = True
         if self.inner is not None and self.inner not in self._chain:
             outer = self._chain.index(self.handle.middleware)
             self._chain.insert(_inner_position(self._chain, outer), self.inner)
-        return True
+        self.handle.middleware.add_hook(self.hook)
+        self._unschedule()
+
+    def _unschedule(self) -> None:
+        for hooks in (self.monitor.start_hooks, self.monitor.loop_checks):
+            if self._attach in hooks:
+                hooks.remove(self._attach)
 
     def close(self) -> None:
+        self._unschedule()
+        self.attached = False
         self.handle.middleware.remove_hook(self.hook)
         if self.inner is not None and self.inner in self._chain:
             self._chain.remove(self.inner)
@@ -187,27 +203,19 @@ _SLOT: ContextVar[_Slot | None] = ContextVar("loopwatch_otel_call", default=None
 class SlotHook:
     """For servers whose span (if any) opens inside loopwatch's middleware: hand the call inward.
 
-    Until a tracer provider is configured it only checks for one (`arm`), and the inner middleware is not
-    in the chain: with no SDK, fastmcp servers pay a provider lookup per request and nothing more.
+    It joins the middleware, and the inner middleware joins the chain, only once a tracer provider is
+    configured (`Tracing._attach`): with no SDK, requests pay nothing for tracing.
     """
 
-    def __init__(self, arm: Callable[[], bool]) -> None:
-        self.arm = arm
-        self.armed = False
+    def __init__(self) -> None:
         self._current = trace.get_current_span
 
     def start(self, call: CallRecord) -> None:
-        if self.armed or self._arm():
-            _SLOT.set(_Slot(call, self._current()))
-
-    def _arm(self) -> bool:
-        self.armed = self.arm()
-        return self.armed
+        _SLOT.set(_Slot(call, self._current()))
 
     def end(self, call: CallRecord, duration: float, error_type: str | None) -> None:
-        if self.armed:
-            # `set`, not a token reset: `initialize` runs inline in the read loop's own context.
-            _SLOT.set(None)
+        # `set`, not a token reset: `initialize` runs inline in the read loop's own context.
+        _SLOT.set(None)
 
 
 class RequestSpanMiddleware:

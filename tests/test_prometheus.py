@@ -276,7 +276,10 @@ async def test_the_series_of_listed_tools_exist_at_zero_before_anything_happens_
     blocked = "loopwatch_event_loop_blocked_seconds_total"
     for tool in ("lookup", "checksum", "", "_OTHER"):
         for kind in ("cpu", "wait", "gil", "import", "gc", "unknown"):
-            assert registry.get_sample_value(blocked, {"gen_ai_tool_name": tool, "kind": kind}) == 0
+            value = registry.get_sample_value(blocked, {"gen_ai_tool_name": tool, "kind": kind})
+            # The test process's collector may hold the loop at any time (a full pass here took 108 ms once):
+            # its series must exist, its value is the heap's business.
+            assert value == 0 or (kind == "gc" and value is not None), (tool, kind, value)
     assert registry.get_sample_value("loopwatch_tool_calls_in_flight", {"gen_ai_tool_name": "lookup"}) == 0
     assert offloaded(registry, "lookup") == 0
     decisions = {"gen_ai_tool_name": "lookup", "action": "offloaded"}

@@ -5,14 +5,16 @@
 Each round opens an in-memory client on the bare server, then on the wrapped one (whose monitor, sentinel
 and watchdog thread start with the client, so their cost is in the figure), in alternating order, and
 times `calls` sequential tools/call round trips of a no-op async tool. Prints the median of the per-round
-ratios (target <= 1.03) and, for scale, the SDK's own OpenTelemetryMiddleware against no middleware. An A/A
-line (a second bare server against the first) shows how far apart two identical configurations land on
-this machine in this run: differences smaller than its spread are noise.
+ratios (target <= 1.03) with a 95% bootstrap interval of that median and, for scale, the SDK's own
+OpenTelemetryMiddleware against no middleware. An A/A line (a second bare server against the first) shows
+how far apart two identical configurations land on this machine in this run: differences smaller than its
+spread are noise.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 
@@ -71,8 +73,17 @@ async def main(rounds: int, calls: int) -> None:
 def report(label: str, base: list[float], other: list[float]) -> None:
     ratios = [o / b for b, o in zip(base, other, strict=True)]
     q = statistics.quantiles(ratios, n=4)
-    print(f"{label:<40} per-call ratio median {statistics.median(ratios):.3f}  (quartiles {q[0]:.3f}-{q[2]:.3f})"
-          f"  {statistics.median(base) * 1e6:.0f} us -> {statistics.median(other) * 1e6:.0f} us")
+    low, high = median_interval(ratios)
+    print(f"{label:<40} per-call ratio median {statistics.median(ratios):.3f}  (95% CI {low:.3f}-{high:.3f};"
+          f" quartiles {q[0]:.3f}-{q[2]:.3f})  {statistics.median(base) * 1e6:.0f} us"
+          f" -> {statistics.median(other) * 1e6:.0f} us")
+
+
+def median_interval(values: list[float], resamples: int = 2000) -> tuple[float, float]:
+    """A 95% bootstrap interval of the median: how sure the median is, given how the rounds scattered."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 if __name__ == "__main__":

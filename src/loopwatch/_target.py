@@ -143,15 +143,28 @@ async def serve(server: Any, transport: str, host: str, port: int, extra_routes:
 
 
 async def _serve_stdio(server: Any, kind: str) -> None:
-    if kind == "fastmcp":
-        await server.run_stdio_async(show_banner=False)
-    elif kind == "mcpserver":
-        await server.run_stdio_async()
-    else:
-        from mcp.server.stdio import stdio_server
+    try:
+        if kind == "fastmcp":
+            await server.run_stdio_async(show_banner=False)
+        elif kind == "mcpserver":
+            await server.run_stdio_async()
+        else:
+            from mcp.server.stdio import stdio_server
 
-        async with stdio_server() as (read, write):
-            await server.run(read, write, server.create_initialization_options())
+            async with stdio_server() as (read, write):
+                await server.run(read, write, server.create_initialization_options())
+    finally:
+        _stdout_off_the_wire()
+
+
+def _stdout_off_the_wire() -> None:
+    """The SDK gives fd 1 back to the wire when its stdio transport ends; a call loopwatch moved to a worker loop
+    may still be running then (a crash ended the server beside it) and print or flush afterwards. From here on
+    fd 1 is stderr, so what it writes (and what sys.stdout still buffers) cannot reach the client as protocol."""
+    try:
+        os.dup2(2, 1)
+    except OSError:
+        pass
 
 
 def http_app(server: Any, transport: str, host: str) -> Any:

@@ -20,6 +20,8 @@ from ._events import Frame
 
 MAX_DEPTH = 128
 CALL_LOCAL = "_lw_call"
+TOOL_NAME_MAX = 200
+"""Characters of a client-sent tool name kept in reports."""
 
 CallReader = Callable[[FrameType], "CallRecord | None"]
 _call_codes: dict[CodeType, CallReader] = {}
@@ -123,7 +125,7 @@ def record_from_context(ctx: Any) -> CallRecord | None:
         return None
     params = getattr(ctx, "params", None) or {}
     name = params.get("name") if method == "tools/call" and hasattr(params, "get") else None
-    tool = name[:200] if isinstance(name, str) else None
+    tool = name[:TOOL_NAME_MAX] if isinstance(name, str) else None
     return CallRecord(method, tool, getattr(ctx, "request_id", None), ctx)
 
 

@@ -17,14 +17,13 @@ from typing import Any, Protocol
 
 import anyio
 
-from ._blame import CallRecord, record_from_context, register_call_frame
+from ._blame import TOOL_NAME_MAX, CallRecord, record_from_context, register_call_frame
 from ._monitor import Monitor
 from ._options import Options
 from ._stats import OTHER, ToolNames
 
 logger = logging.getLogger("loopwatch")
 
-TOOL_NAME_MAX = 200
 _ATTR = "_loopwatch_handle"
 
 
@@ -44,7 +43,6 @@ class LoopwatchMiddleware:
         self.stats = monitor.stats
         self.tools = monitor.tools
         self.hooks: tuple[CallHook, ...] = ()
-        self.known = monitor.tools.known  # the same set: a fast path for the common case (hooked path)
         self.rows = monitor.stats.tools
         self.offloaded: dict[str, str] = {}
         """Tools the offloader moved off the loop (shared with it)."""
@@ -57,17 +55,13 @@ class LoopwatchMiddleware:
         request_id = ctx.request_id
         if request_id is None:
             return await call_next(ctx)
-        if self.hooks:
-            return await self._call_with_hooks(ctx, call_next, request_id)
-        method = ctx.method
-        if method != "tools/call":
-            return await self._serve_method(ctx, call_next, method)
+        if self.hooks or ctx.method != "tools/call":  # rare methods (initialize, tools/list, ping) keep a record
+            return await self._call_with_record(ctx, call_next, request_id)
         params = ctx.params
         name = params.get("name") if params else None
         row = self.rows.get(name) if name.__class__ is str else None  # rows are keyed by label: a known name
         if row is None:
-            label = self.tools.label(name)
-            row = self.rows.get(label) or self.stats.tool(label)
+            label, row = self._tool_row(name)
         else:
             label = name
         row.in_flight += 1
@@ -87,28 +81,18 @@ class LoopwatchMiddleware:
             self.tools.admit(name[:TOOL_NAME_MAX])
         return result
 
-    async def _serve_method(self, ctx: Any, call_next: Callable[[Any], Any], method: str) -> Any:
-        """Every request but tools/call, with no call hooks."""
-        row = self.stats.method(method)
-        row.in_flight += 1
-        start = perf_counter()
-        try:
-            result = await call_next(ctx)
-        except BaseException:
-            row.finish(perf_counter() - start, True)
-            raise
-        row.finish(perf_counter() - start, False)
-        if method == "tools/list":
-            self.tools.admit_all(_listed_names(result))
-        return result
+    def _tool_row(self, name: Any) -> tuple[str, Any]:
+        """The label and stats row of a tools/call name, looked up the long way (a new, unknown or odd name)."""
+        label = self.tools.label(name)
+        return label, self.rows.get(label) or self.stats.tool(label)
 
-    async def _call_with_hooks(self, ctx: Any, call_next: Callable[[Any], Any], request_id: Any) -> Any:
-        """Every request while an integration watches calls (traces, metrics): its hooks see a CallRecord."""
+    async def _call_with_record(self, ctx: Any, call_next: Callable[[Any], Any], request_id: Any) -> Any:
+        """Every request while an integration watches calls (traces, metrics), whose hooks see a CallRecord, and
+        every request other than tools/call."""
         method = ctx.method
         if method == "tools/call":
             name = ctx.params.get("name") if ctx.params else None
-            label = name if name.__class__ is str and name in self.known else self.tools.label(name)
-            row = self.rows.get(label) or self.stats.tool(label)
+            label, row = self._tool_row(name)
             raw = name[:TOOL_NAME_MAX] if isinstance(name, str) else None
             _lw_call = CallRecord(method, raw, request_id, ctx, label)
             if label in self.offloaded:
@@ -177,13 +161,13 @@ def error_type(exc: BaseException) -> str:
 
 
 def _read_served(frame: Any) -> CallRecord | None:
-    """The call a frame of `LoopwatchMiddleware.__call__` or `_serve_method` serves, from its locals (on the
-    watchdog thread, only while a block is sampled)."""
+    """The call a `LoopwatchMiddleware.__call__` frame serves, from its locals (on the watchdog thread, only
+    while a block is sampled)."""
     try:
         local = frame.f_locals
     except Exception:
         return None
-    if "start" not in local:  # not yet timing, or handed to `_call_with_hooks` (whose frame is read first)
+    if "start" not in local:  # not yet timing, or handed to `_call_with_record` (read first)
         return None
     call = record_from_context(local.get("ctx"))
     if call is None:
@@ -199,8 +183,7 @@ def _read_served(frame: Any) -> CallRecord | None:
 
 
 register_call_frame(LoopwatchMiddleware.__call__.__code__, _read_served)
-register_call_frame(LoopwatchMiddleware._serve_method.__code__, _read_served)
-register_call_frame(LoopwatchMiddleware._call_with_hooks.__code__)
+register_call_frame(LoopwatchMiddleware._call_with_record.__code__)
 
 
 def _is_tool_error(result: Any) -> bool:

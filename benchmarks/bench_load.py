@@ -72,13 +72,19 @@ def stats(handle: Any) -> dict[str, Any]:
     import prometheus_client
 
     monitor, stats = handle.monitor, handle.monitor.stats
+    for extension in handle.extensions:  # requests queued for the metrics are recorded now, as a scrape does
+        flush = getattr(extension, "flush", None)
+        if flush is not None:
+            flush()
     snapshot = handle.snapshot()
     heartbeat = monitor.heartbeat
-    series = sum(
-        len(metric.samples)
+    names = sorted(
+        f"{sample.name}{{{','.join(f'{k}={v}' for k, v in sorted(sample.labels.items()) if k != 'le')}}}"
         for metric in prometheus_client.REGISTRY.collect()
         if metric.name.startswith(("loopwatch_", "mcp_server_"))
+        for sample in metric.samples
     )
+    series = len(names)
     found.update(
         active=snapshot["active"],
         tool_rows=len(snapshot["tools"]),
@@ -89,6 +95,7 @@ def stats(handle: Any) -> dict[str, Any]:
         lags_kept=len(monitor.lag.recent) + (len(heartbeat.lags) if heartbeat is not None else 0),
         snapshot_bytes=len(json.dumps(snapshot)),
         metric_series=series,
+        metric_names=sorted(set(names)),  # label sets (buckets folded), to say which series appeared
         calls=sum(row["calls"] for row in snapshot["tools"].values()),
         in_flight=sum(row["in_flight"] for row in snapshot["tools"].values()),
         events=[_brief(e) for e in snapshot["recent_events"]],

@@ -10,6 +10,26 @@ from helpers import client_for, fresh, settle
 pytestmark = pytest.mark.anyio
 
 
+@pytest.fixture(params=["stall-timer", "polling"])
+def watchdog_mode(request, monkeypatch):
+    """Both ways the watchdog wakes: a kernel stall timer (Linux), or looking once per threshold period."""
+    if request.param == "polling":
+        monkeypatch.setenv("LOOPWATCH_NO_TIMER", "1")
+    else:
+        monkeypatch.delenv("LOOPWATCH_NO_TIMER", raising=False)
+        from loopwatch._timer import stall_timer
+
+        probe = stall_timer(1.0)
+        if probe is None:
+            pytest.skip("no stall timer on this platform")
+        probe.close()
+    return request.param
+
+
+def assert_mode(monitor, mode):
+    assert (monitor._timer is not None) == (mode == "stall-timer")
+
+
 async def run_beside(client, blocker: str, args: dict, honest: int = 8, honest_tool: str = "ping"):
     async with anyio.create_task_group() as tg:
         for i in range(honest):
@@ -25,10 +45,13 @@ def blamed_on(handle, tool):
     ]
 
 
-async def test_a_blocking_tool_among_honest_calls_is_blamed_with_its_line_and_nobody_else_is(anyio_backend):
+async def test_a_blocking_tool_among_honest_calls_is_blamed_with_its_line_and_nobody_else_is(
+    anyio_backend, watchdog_mode
+):
     server = fresh("inventory_server", "mcp")
     handle = loopwatch.instrument(server, threshold=0.1, log_blocks=False, traces=False)
     async with client_for(server) as client:
+        assert_mode(handle.monitor, watchdog_mode)
         await run_beside(client, "lookup", {"sku": "A-1"}, honest=24)
         await settle(handle.monitor)
     [event] = blamed_on(handle, "lookup")
@@ -79,10 +102,11 @@ async def test_blame_is_the_same_whether_or_not_a_call_hook_is_installed(anyio_b
         assert seen.started == []
 
 
-async def test_a_crunching_tool_is_a_cpu_block_on_its_own_line(anyio_backend):
+async def test_a_crunching_tool_is_a_cpu_block_on_its_own_line(anyio_backend, watchdog_mode):
     server = fresh("inventory_server", "mcp")
     handle = loopwatch.instrument(server, threshold=0.1, log_blocks=False, traces=False)
     async with client_for(server) as client:
+        assert_mode(handle.monitor, watchdog_mode)
         await client.call_tool("ping", {})
         rounds = 40000
         await run_beside(client, "checksum", {"rounds": rounds})
@@ -174,10 +198,11 @@ async def test_events_file_receives_one_json_line_per_block(tmp_path, anyio_back
     assert "arguments" not in line  # argument values stay out of reports unless asked for
 
 
-async def test_a_block_right_at_the_start_of_watching_is_not_lost(anyio_backend):
+async def test_a_block_right_at_the_start_of_watching_is_not_lost(anyio_backend, watchdog_mode):
     import time
 
     async with loopwatch.watch(threshold=0.1, log_blocks=False) as monitor:
+        assert_mode(monitor, watchdog_mode)
         time.sleep(0.3)
         await settle(monitor)
     assert [e.kind for e in monitor.recent if e.kind != "gc"] == ["wait"]
@@ -191,7 +216,7 @@ async def test_a_watchdog_thread_that_dies_is_reported_and_replaced(anyio_backen
     async with loopwatch.watch(threshold=0.1, log_blocks=False) as monitor:
         first = monitor._watchdog
         first._stop.set()  # the thread ends as if it had died...
-        first._release()  # (at once: a join that waited out its sleep would block the loop itself)
+        first.poke()  # (at once: a join that waited out its sleep would block the loop itself)
         first._thread.join(5)
         first._stop.clear()  # ...without anyone having asked it to stop
         with caplog.at_level(logging.ERROR, logger="loopwatch"), anyio.fail_after(10):

@@ -357,3 +357,24 @@ def test_a_block_that_lasts_for_hours_holds_bounded_memory():
         tracemalloc.stop()
     assert detector.blocked
     assert grown < 64 * 1024
+
+
+async def test_a_sentinel_hook_that_raises_is_logged_once_and_the_beats_go_on(anyio_backend, caplog):
+    from loopwatch._sentinel import run_sentinel
+
+    heartbeat = Heartbeat(0.01, 0.1)
+    calls = []
+
+    def failing(now):
+        calls.append(now)
+        raise RuntimeError("handoff exploded")
+
+    with caplog.at_level(logging.ERROR, logger="loopwatch"):
+        async with anyio.create_task_group() as tg:
+            await tg.start(run_sentinel, heartbeat, time.monotonic, None, failing)
+            with anyio.fail_after(10):
+                while heartbeat.beat[0] < 5:  # noqa: ASYNC110 - the sentinel moves it
+                    await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+    assert len(calls) >= 6  # the baseline and every beat: it kept beating and calling
+    assert [r.getMessage() for r in caplog.records].count("loopwatch sentinel hook failed; the sentinel goes on") == 1

@@ -351,6 +351,20 @@ async def test_the_standalone_endpoint_serves_the_metrics_until_uninstrumented(r
         await anyio.to_thread.run_sync(fetch, f"http://127.0.0.1:{port}/metrics")
 
 
+async def test_a_scrape_right_after_a_call_counts_it_without_waiting_for_the_watchdog(registry):
+    """Calls are recorded at the watchdog's looks (once a second with a stall timer): a scrape records the
+    queued ones first, so it never shows a finished call missing."""
+    server, handle = instrumented(registry, metrics_port=0)
+    url = f"http://127.0.0.1:{exporter_of(handle).port}/metrics"
+    pattern = re.compile(r'mcp_server_operation_duration_seconds_count\{[^}]*gen_ai_tool_name="ping"[^}]*\} (\S+)')
+    async with Client(server) as client:
+        for n in range(1, 4):
+            await client.call_tool("ping", {"n": n})
+            _, _, body = await anyio.to_thread.run_sync(fetch, url)
+            assert sum(float(v) for v in pattern.findall(body)) == n
+    handle.uninstrument()
+
+
 async def test_a_taken_port_logs_a_clear_error_and_the_server_keeps_serving(registry, caplog):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -1,10 +1,13 @@
 """The detector's decisions, driven by a fake clock, a fake CPU clock and fake samples: no threads, no sleeps."""
 
+import pytest
+
 from loopwatch._blame import CallRecord, Sample
 from loopwatch._events import BlockEvent
 from loopwatch._gc import GcClock
 from loopwatch._sentinel import Heartbeat
-from loopwatch._watchdog import Detector, classify
+from loopwatch._timer import StallTimer, stall_timer
+from loopwatch._watchdog import HOUSEKEEPING, Detector, classify
 
 TOOL_STACK = (("/app/server.py", 15, "lookup"), ("/app/legacy.py", 8, "fetch_record"))
 IMPORT_STACK = (("/app/server.py", 20, "report"), ("<frozen importlib._bootstrap>", 1176, "_find_and_load"))
@@ -13,7 +16,7 @@ IMPORT_STACK = (("/app/server.py", 20, "report"), ("<frozen importlib._bootstrap
 class World:
     """A loop that beats every 10 ms until told to block, seen by a watchdog that polls every 10 ms."""
 
-    def __init__(self, threshold=0.1):
+    def __init__(self, threshold=0.1, timer=False):
         self.now = 100.0
         self.cpu = 5.0
         self.runnable = 0.0
@@ -28,17 +31,17 @@ class World:
             poll_interval=0.01,
             clock=lambda: self.now,
             wall=lambda: 1_000_000 + self.now,
-            cpu_clock=lambda: self.cpu,
             demand_clock=lambda: self.cpu + self.runnable,
             sampler=lambda: self.sample,
             gc_time=self.gc.within,
             emit=lambda e, c: self.events.append((e, c)),
             blocking=lambda c, elapsed, importing, stack: self.announced.append(c),
         )
+        self.detector.timer = timer  # as a Watchdog with a stall timer sets it
 
     def beat(self, lag=0.0):
         self.count += 1
-        self.hb.record(self.count, self.now, lag)
+        self.hb.record(self.count, self.now, lag, self.cpu)  # the sentinel reads the loop's CPU clock at each beat
 
     def healthy(self, seconds=0.1, cpu_share=0.1):
         for _ in range(round(seconds / 0.01)):
@@ -46,6 +49,13 @@ class World:
             self.cpu += 0.01 * cpu_share
             self.beat()
             self.detector.poll()
+
+    def beating(self, seconds, cpu_share=0.1):
+        """The loop beats every 10 ms and nothing wakes the watchdog (a stall timer pushed forward each beat)."""
+        for _ in range(round(seconds / 0.01)):
+            self.now += 0.01
+            self.cpu += 0.01 * cpu_share
+            self.beat()
 
     def run(self, seconds, cpu_share=1.0, runnable_share=0.0):
         """The loop thread runs without beating, the watchdog polling every 10 ms."""
@@ -347,3 +357,129 @@ def test_the_sentinel_wakes_a_due_watchdog_at_its_beat_and_a_stop_wakes_it_at_on
     assert not dog.is_alive()  # stop woke it too, without waiting for the timer
     assert detector.polls == 3  # the last poll on the way out
     assert not [t for t in threading.enumerate() if t.name == "loopwatch-watchdog" and t is dog._thread]
+
+
+# -- with a stall timer: the watchdog sleeps while the loop beats ---------------------------------------
+
+
+def test_with_a_stall_timer_the_watchdog_sleeps_while_the_loop_beats_and_samples_a_block_once_it_fires():
+    w = World(timer=True)
+    for _ in range(3):  # a second of beats between looks: housekeeping only
+        w.beating(1.0)
+        assert w.detector.poll() == HOUSEKEEPING
+    last_beat = w.now
+    w.sample = Sample(TOOL_STACK, call())
+    w.now = last_beat + 0.01 + 0.1  # the timer fires when the sentinel is interval + threshold late
+    assert w.detector.poll() == 0.01  # blocked: from now on it looks every poll interval
+    w.run(0.19, cpu_share=0.02)
+    w.now += 0.01
+    w.beat(lag=w.now - last_beat - 0.01)
+    w.sample = None
+    assert w.detector.poll() == 0.01  # one more look right after the block
+    w.beating(0.01)
+    assert w.detector.poll() == HOUSEKEEPING
+    [(event, blamed)] = w.events
+    assert (event.kind, event.tool) == ("wait", "lookup")
+    assert blamed is not None and blamed.request_id == 7
+    assert [f.line for f in event.frames] == [15, 8]
+    assert event.samples >= 15
+
+
+def test_with_a_stall_timer_a_crunch_between_housekeeping_looks_is_cpu_not_gil():
+    w = World(timer=True)
+    w.beating(1.0)
+    w.detector.poll()
+    w.beating(0.7)  # 0.7 s into a 1 s housekeeping wait: no look is late
+    last_beat = w.now
+    w.sample = Sample(TOOL_STACK, call("crunch"))
+    w.now = last_beat + 0.11
+    w.cpu += 0.11
+    w.detector.poll()
+    w.run(0.2, cpu_share=1.0)
+    w.now += 0.01
+    w.cpu += 0.01
+    w.beat(lag=w.now - last_beat - 0.01)
+    w.detector.poll()
+    [(event, _)] = w.events
+    assert (event.kind, event.tool) == ("cpu", "crunch")
+    assert event.cpu_s > 0.2
+
+
+def test_with_a_stall_timer_a_block_the_watchdog_could_not_run_through_is_gil():
+    """The timer fired, but the GIL was held: the watchdog's first look comes after the block, and the loop
+    beat meanwhile. Its housekeeping wait was not over, yet it was due when the timer fired."""
+    w = World(timer=True)
+    w.beating(1.0)
+    w.detector.poll()
+    w.beating(0.2)
+    w.sample = Sample(TOOL_STACK, call("native"))
+    w.block(0.5, cpu_share=1.0, watchdog_runs=False)
+    w.sample = Sample(TOOL_STACK, call("native"))  # what a sampler would see once the GIL is back
+    w.beating(0.02)  # the loop beats again before the watchdog gets the GIL
+    w.detector.poll()
+    [(event, _)] = w.events
+    assert event.kind == "gil"
+    assert event.frames == ()
+
+
+def _has_stall_timer() -> bool:
+    probe = stall_timer(1.0)
+    if probe is None:
+        return False
+    probe.close()
+    return True
+
+
+needs_timer = pytest.mark.skipif(not _has_stall_timer(), reason="no timerfd on this platform (or LOOPWATCH_NO_TIMER)")
+
+
+@needs_timer
+def test_a_stall_timer_fires_only_once_nobody_pushes_it_forward():
+    import select
+    import time
+
+    pushed, left = StallTimer(30.0), StallTimer(0.05)
+    watch = select.poll()
+    watch.register(pushed.fd, select.POLLIN)
+    try:
+        for _ in range(10):
+            assert pushed.arm() == 0
+            time.sleep(0.01)
+        assert watch.poll(0) == []  # pushed forward: never fired
+        watch.register(left.fd, select.POLLIN)
+        assert watch.poll(10_000) == [(left.fd, select.POLLIN)]  # left alone: fired
+        left.clear()
+        assert watch.poll(0) == []  # cleared until armed again
+    finally:
+        pushed.close()
+        left.close()
+    assert pushed.fd is None and pushed.arm() == -1  # closed: arming is refused, never sent to a reused number
+
+
+@needs_timer
+def test_with_a_stall_timer_the_watchdog_wakes_when_it_fires_and_goes_back_to_a_schedule_if_it_breaks(caplog):
+    import logging
+    import time
+
+    from loopwatch._watchdog import Watchdog
+
+    detector = LongSleeper()
+    timer = StallTimer(0.05)  # armed at creation: fires 50 ms later unless pushed forward
+    dog = Watchdog(detector, timer=timer)
+    assert detector.timer is True
+    dog.start()
+    try:
+        deadline = time.monotonic() + 10
+        while detector.polls < 2 and time.monotonic() < deadline:  # the first look, then the timer's
+            time.sleep(0.01)
+        assert detector.polls == 2  # long before its own 30 s wait
+        timer.close()  # as if the sentinel outlived its timer
+        with caplog.at_level(logging.WARNING, logger="loopwatch"):
+            dog.handoff(0.0)
+        assert detector.timer is False and dog.timer is None
+        assert "stall timer failed" in caplog.text
+    finally:
+        dog.stop(timeout=10)
+    assert not dog.is_alive()
+    assert dog._sleeper._read == -1 and dog._sleeper._write == -1  # the wake-up pipe went with the thread
+    dog.poke()  # harmless once closed

@@ -22,7 +22,8 @@ from ._gc import GC_CLOCK
 from ._options import Options
 from ._sentinel import Heartbeat, current_backend, run_sentinel
 from ._stats import OTHER, StatsTable, ToolNames
-from ._watchdog import Detector, Watchdog, thread_cpu_clock, thread_demand_clock, thread_sampler
+from ._timer import StallTimer, stall_timer
+from ._watchdog import Detector, Watchdog, loop_cpu_clock, thread_cpu_clock, thread_demand_clock, thread_sampler
 
 logger = logging.getLogger("loopwatch")
 
@@ -99,6 +100,7 @@ class Monitor:
         self._lock = threading.Lock()
         self._refs = 0
         self._watchdog: Watchdog | None = None
+        self._timer: StallTimer | None = None
         self.heartbeat: Heartbeat | None = None
         if options.log_blocks:
             self.listeners.add(log_event)
@@ -130,7 +132,7 @@ class Monitor:
             async with _original_errors(raised), anyio.create_task_group() as tg, AsyncExitStack() as services:
                 self.task_group = tg
                 heartbeat = self._start()
-                await tg.start(run_sentinel, heartbeat, time.monotonic, self._check, self._handoff)
+                await tg.start(run_sentinel, heartbeat, time.monotonic, self._check, self._handoff, loop_cpu_clock())
                 try:
                     for service in list(self.services):
                         await services.enter_async_context(service())
@@ -167,7 +169,8 @@ class Monitor:
             while heartbeat.beat[0] < target:  # noqa: ASYNC110 - other threads move these counters
                 await anyio.sleep(self.options.interval)
             steps = self.watchdog_steps + 2
-            while self.watchdog_steps < steps and self._watchdog is not None:  # noqa: ASYNC110
+            while self.watchdog_steps < steps and (watchdog := self._watchdog) is not None:
+                watchdog.poke()  # with a stall timer it would otherwise look only once a second
                 await anyio.sleep(self.options.interval)
 
     @staticmethod
@@ -185,8 +188,7 @@ class Monitor:
         detector = Detector(
             heartbeat,
             poll_interval=opts.interval,
-            cpu_clock=thread_cpu_clock(thread_id),
-            demand_clock=thread_demand_clock(threading.get_native_id()),
+            demand_clock=thread_demand_clock(threading.get_native_id()) or thread_cpu_clock(thread_id),
             sampler=thread_sampler(thread_id),
             gc_time=GC_CLOCK.within,
             emit=self._on_block,
@@ -197,7 +199,8 @@ class Monitor:
         self.backend = _backend_name()
         self.started_at = time.time()
         GC_CLOCK.acquire()
-        self._watchdog = Watchdog(detector, housekeeping=self.pump, watched=_loop_watched())
+        self._timer = stall_timer(opts.interval + opts.threshold)  # armed now: a block at start-up is caught
+        self._watchdog = Watchdog(detector, housekeeping=self.pump, watched=_loop_watched(), timer=self._timer)
         self._watchdog.start()
         return heartbeat
 
@@ -218,14 +221,19 @@ class Monitor:
         if watchdog is None or watchdog.is_alive() or watchdog.stopping:
             return
         logger.error("loopwatch watchdog thread died; starting a new one (blocks during the gap were missed)")
-        self._watchdog = Watchdog(watchdog.detector, housekeeping=self.pump, watched=watchdog.watched)
+        self._watchdog = Watchdog(
+            watchdog.detector, housekeeping=self.pump, watched=watchdog.watched, timer=watchdog.timer
+        )
         self._watchdog.start()
 
     def _stop(self) -> None:
         watchdog, self._watchdog = self._watchdog, None
+        timer, self._timer = self._timer, None
         if watchdog is not None:
             watchdog.stop()
             GC_CLOCK.release()
+        if timer is not None:  # the sentinel has ended: nothing arms it any more
+            timer.close()
             close = getattr(watchdog.detector.demand_clock, "close", None)
             if close is not None:
                 close()
@@ -241,8 +249,11 @@ class Monitor:
     def post(self, event: Event) -> None:
         """Queue an event from any thread; it is dispatched on the watchdog thread, never on the loop."""
         self._outbox.put(event)
-        if self._watchdog is None:
+        watchdog = self._watchdog
+        if watchdog is None:
             self.pump()
+        else:
+            watchdog.poke()  # out now, not at the next housekeeping
 
     def _on_block(self, event: BlockEvent, call: CallRecord | None = None) -> None:
         # A collection during a call is the heap's cost: told (events, metrics by kind), not counted as the call's.

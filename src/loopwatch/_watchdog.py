@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import sys
 import threading
 import time
@@ -19,6 +20,7 @@ from typing import Any
 from ._blame import CallRecord, Sample, call_key, culprit_frame, is_import, sample_frame, summarize
 from ._events import BlockEvent, BlockKind
 from ._sentinel import Clock, Heartbeat
+from ._timer import StallTimer
 
 logger = logging.getLogger("loopwatch")
 
@@ -31,6 +33,8 @@ GIL_HANDOFF = 0.001
 a second); it goes on as soon as the watchdog runs (a median 0.18 ms, measured, against 0.33 ms for the fixed
 0.2 ms sleep this replaced)."""
 CPU_SHARE = 0.5
+HOUSEKEEPING = 1.0
+"""Seconds between the watchdog's looks while the loop beats, when a stall timer wakes it for blocks."""
 
 
 @dataclass
@@ -104,9 +108,9 @@ def overlap(a0: float, a1: float, b0: float, b1: float) -> float:
 class Detector:
     """Decides, one poll at a time, when the loop is blocked and what each finished block was.
 
-    The sentinel's late records are the truth about durations. The detector adds what only a
-    second thread can know: samples of the stack during the block, the loop thread's CPU time
-    at each beat, and the windows in which the watchdog itself could not run (the GIL was held).
+    The sentinel's late records are the truth about durations and about the loop thread's CPU time
+    through each block. The detector adds what only a second thread can know: samples of the stack
+    during the block, and the windows in which the watchdog itself could not run (the GIL was held).
     """
 
     def __init__(
@@ -116,8 +120,7 @@ class Detector:
         poll_interval: float,
         clock: Clock = time.monotonic,
         wall: Clock = time.time,
-        cpu_clock: CpuClock = lambda: None,
-        demand_clock: CpuClock | None = None,
+        demand_clock: CpuClock = lambda: None,
         sampler: Sampler = lambda: None,
         gc_time: Callable[[float, float], float] = lambda start, end: 0.0,
         emit: Callable[[BlockEvent, CallRecord | None], None] = lambda e, c: None,
@@ -129,16 +132,19 @@ class Detector:
         samples so far are inside an import, and the latest sampled stack (raw frames, outermost first)."""
         self.hb = heartbeat
         self.poll_interval = poll_interval
-        self.clock, self.wall, self.cpu_clock, self.sampler, self.emit = clock, wall, cpu_clock, sampler, emit
-        self.demand_clock = demand_clock or cpu_clock
+        self.clock, self.wall, self.sampler, self.emit = clock, wall, sampler, emit
+        self.demand_clock = demand_clock
         """Read only while a block is sampled: it may cost a syscall that lets the GIL go."""
         self.gc_time = gc_time
         """Seconds the garbage collector ran between two times of `clock`."""
         self.include_arguments = include_arguments
+        self.timer = False
+        """True while a stall timer wakes the watchdog when the sentinel is `interval + threshold` late: then
+        the looks between blocks are only housekeeping, once every `HOUSEKEEPING` seconds."""
         self._last_poll = clock()
-        self._expected_gap = poll_interval
-        count = heartbeat.beat[0]
-        self._cpu_at: deque[tuple[int, float | None]] = deque([(count, cpu_clock())], maxlen=64)
+        self._due = self._last_poll + poll_interval
+        """When the watchdog should next look, at the latest: a look later than that by half the threshold or
+        more means it could not run (the GIL was held)."""
         self._starved: deque[tuple[float, float]] = deque(maxlen=64)
         self._block: _Block | None = None
 
@@ -149,19 +155,21 @@ class Detector:
     def poll(self) -> float:
         """Look once; return how long to wait before the next look.
 
-        While the loop beats, the next look is when a block could first cross the threshold (one wake per
-        threshold period: each wake costs the loop a GIL handoff). During a block, every `poll_interval`.
+        While the loop beats, the next look is when a block could first cross the threshold (each wake costs
+        the loop a GIL handoff), or with a stall timer only for housekeeping. During a block, and once right
+        after one, every `poll_interval`.
         """
-        now = self.clock()
-        gap, self._last_poll = now - self._last_poll, now
-        starved = gap - self._expected_gap >= self.hb.threshold / 2
-        if starved:
-            self._starved.append((now - gap, now))
         count, beat_time = self.hb.beat
-        cpu = self.cpu_clock()
-        if count != self._cpu_at[-1][0] and now - beat_time < self.hb.threshold / 2:
-            # Only a reading taken soon after its beat is a fair baseline for a block that follows it.
-            self._cpu_at.append((count, cpu))
+        now = self.clock()
+        last, self._last_poll = self._last_poll, now
+        due = self._due
+        if self.timer:
+            stalled = self._stall_deadline(beat_time, now)
+            if stalled is not None and stalled > last:
+                due = min(due, stalled)  # the timer fired then (or will): the watchdog was due to run
+        starved = now - due >= self.hb.threshold / 2
+        if starved:
+            self._starved.append((last, now))
         if self._block is None and now - beat_time - self.hb.interval >= self.hb.threshold:
             self._block = _Block(count)
         block = self._block
@@ -171,10 +179,26 @@ class Detector:
                 block.add(sample, starved)
                 block.account(sample.stack, now, self.demand_clock())
                 self._announce(block, now - beat_time - self.hb.interval, now)
+        finished = False
         while self.hb.late:
-            self._finish(*self.hb.late.popleft(), now=now, cpu=cpu)
-        self._expected_gap = self._next_wait(now, beat_time)
-        return self._expected_gap
+            self._finish(*self.hb.late.popleft(), now=now)
+            finished = True
+        wait = self._next_wait(now, beat_time, settle=finished)
+        self._due = now + wait
+        return wait
+
+    def _stall_deadline(self, beat_time: float, now: float) -> float | None:
+        """When the stall timer fired (or fires) for the earliest block not yet reported: its start plus the
+        threshold. The oldest late record if there is one, else the stall going on now, if any."""
+        hb = self.hb
+        try:
+            _, end, lag, _ = hb.late[0]
+            return end - lag + hb.threshold
+        except IndexError:
+            pass
+        if now - beat_time - hb.interval >= hb.threshold:
+            return beat_time + hb.interval + hb.threshold
+        return None
 
     def _announce(self, block: _Block, elapsed: float, now: float) -> None:
         if block.announced:
@@ -193,22 +217,26 @@ class Detector:
         Not sooner: a look the sentinel has not handed off for costs the loop a GIL convoy of up to the
         switch interval (5 ms), which is what a first look after `poll_interval` did on every start.
         """
-        return self._next_wait(self.clock(), self.hb.beat[1])
+        now = self.clock()
+        wait = self._next_wait(now, self.hb.beat[1])
+        self._due = now + wait
+        return wait
 
-    def _next_wait(self, now: float, beat_time: float) -> float:
-        if self._block is not None:
-            return self.poll_interval
+    def _next_wait(self, now: float, beat_time: float, settle: bool = False) -> float:
+        if self._block is not None or settle:
+            return self.poll_interval  # one more look right after a block: what waits on its report goes on
         due = beat_time + self.hb.interval + self.hb.threshold - now
+        if self.timer and due > self.hb.threshold / 2:
+            return HOUSEKEEPING  # the loop beats: the stall timer wakes the watchdog if it stops
         return min(max(due, self.poll_interval), self.hb.threshold + self.hb.interval)
 
-    def _finish(self, end_count: int, end: float, lag: float, *, now: float, cpu: float | None) -> None:
+    def _finish(self, end_count: int, end: float, lag: float, cpu: float | None, *, now: float) -> None:
         block = self._block
         if block is not None and end_count > block.count:
             self._block = None
         else:
             block = _Block(end_count - 1)
-        cpu0 = self._cpu_before(end_count)
-        cpu_s = None if cpu is None or cpu0 is None else min(max(0.0, cpu - cpu0), lag)
+        cpu_s = None if cpu is None else min(max(0.0, cpu), lag)
         demand_s = _demand(block, cpu_s, lag)
         starved_s = sum(overlap(end - lag, end, a, b) for a, b in self._starved)
         gc_s = min(lag, self.gc_time(end - lag, end))
@@ -235,15 +263,6 @@ class Detector:
         if wall <= 0 or wall * 2 < sum(w for w, _ in block.spent.values()):
             return kind  # no stack holds most of the block: the whole block's share decides
         return "cpu" if used >= CPU_SHARE * wall else "wait"
-
-    def _cpu_before(self, end_count: int) -> float | None:
-        """The loop thread's CPU time at the last beat before the block (the first one seen, if none)."""
-        best = self._cpu_at[0][1]
-        for count, cpu in self._cpu_at:
-            if count >= end_count:
-                break
-            best = cpu
-        return best
 
     def _event(
         self, kind, lag, cpu_s, now, end, frames, call: CallRecord | None, taken, module, gc_s
@@ -281,6 +300,17 @@ def thread_sampler(thread_id: int) -> Sampler:
         return sample_frame(sys._current_frames().get(thread_id))
 
     return sample
+
+
+def loop_cpu_clock() -> Callable[[], float] | None:
+    """For the sentinel, on the loop thread: that thread's CPU seconds (one call a beat, about 0.6 us), or
+    None where the platform has no per-thread CPU clock (then kinds are `unknown`)."""
+    try:
+        time.pthread_getcpuclockid(threading.get_ident())
+        time.thread_time()
+    except (AttributeError, OSError):
+        return None
+    return time.thread_time
 
 
 def thread_cpu_clock(thread_id: int) -> CpuClock:
@@ -335,23 +365,98 @@ def thread_demand_clock(native_id: int) -> Schedstat | None:
     return clock
 
 
+class _LockSleeper:
+    """The watchdog's sleep where there is no stall timer: a held lock, released to wake it."""
+
+    def __init__(self) -> None:
+        self._wake = threading.Lock()
+        self._wake.acquire()
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to `timeout` seconds; True if woken by `wake`."""
+        return self._wake.acquire(timeout=max(0.0, timeout))
+
+    def wake(self) -> None:
+        try:
+            self._wake.release()
+        except RuntimeError:  # already released: the watchdog has not gone back to sleep yet
+            pass
+
+    def close(self) -> None:
+        pass
+
+
+class _TimerSleeper:
+    """The watchdog's sleep with a stall timer: `poll` on the timer's descriptor and a wake-up pipe.
+
+    Any thread may `wake`; only the watchdog waits and closes (the pipe's write end is used under a lock,
+    so a write never reaches a descriptor number reused after the close).
+    """
+
+    def __init__(self, timer: StallTimer) -> None:
+        self.timer = timer
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        self._lock = threading.Lock()
+        self._poll = select.poll()
+        self._poll.register(self._read, select.POLLIN)
+        if timer.fd is not None:
+            self._poll.register(timer.fd, select.POLLIN)
+
+    def wait(self, timeout: float) -> bool:
+        woken = False
+        for fd, _ in self._poll.poll(max(0.0, timeout) * 1000.0):
+            if fd == self._read:
+                woken = True
+                try:
+                    os.read(self._read, 512)
+                except OSError:
+                    pass
+            else:
+                self.timer.clear()
+        return woken
+
+    def wake(self) -> None:
+        with self._lock:
+            if self._write < 0:
+                return
+            try:
+                os.write(self._write, b"w")
+            except OSError:  # the pipe is full: a wake-up is already waiting
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            read, write, self._read, self._write = self._read, self._write, -1, -1
+        for fd in (read, write):
+            if fd >= 0:
+                os.close(fd)
+
+
 class Watchdog:
-    """A daemon thread that polls the detector and runs housekeeping. It never waits on the loop."""
+    """A daemon thread that polls the detector and runs housekeeping. It never waits on the loop.
+
+    With a stall timer (Linux), it sleeps until the timer says the sentinel is late, or until housekeeping
+    is due; without one, it looks once per threshold period.
+    """
 
     def __init__(
         self,
         detector: Detector,
         housekeeping: Callable[[], None] = lambda: None,
         watched: Callable[[], bool] = lambda: True,
+        timer: StallTimer | None = None,
     ) -> None:
         self.detector = detector
         self.housekeeping = housekeeping
         self.watched = watched
         """False once the watched loop is gone (closed, or its thread ended) though nobody stopped the watch."""
         self._stop = threading.Event()
-        self._wake = threading.Lock()
-        """Held while the watchdog sleeps: released (by the sentinel, or by `stop`) to wake it early."""
-        self._wake.acquire()
+        self.timer = timer
+        """Re-armed by the sentinel at every beat (`handoff`); owned, and closed, by whoever made it."""
+        self._sleeper: _LockSleeper | _TimerSleeper = _TimerSleeper(timer) if timer is not None else _LockSleeper()
+        detector.timer = timer is not None
         self._running = threading.Lock()
         """Held, except from the moment a watchdog woken by the sentinel runs until the sentinel sees it."""
         self._running.acquire()
@@ -363,6 +468,8 @@ class Watchdog:
         """Monotonic time of the next poll: from then on the watchdog waits for the GIL (see `handoff`)."""
         self._handed_off_for = 0.0
         self._beat_interval = detector.hb.interval
+        self._rearm_every = detector.hb.threshold / 4
+        self._rearm_at = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -373,51 +480,69 @@ class Watchdog:
 
     def stop(self, timeout: float = 2.0) -> None:
         self._stop.set()
-        self._release()
+        self._sleeper.wake()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
+    def poke(self) -> None:
+        """Have the watchdog look now (from any thread): an event is waiting to go out, or a test settles."""
+        self._sleeper.wake()
+
     def handoff(self, now: float) -> None:
-        """Called by the sentinel on the loop at each beat. A busy loop thread drops the GIL at every iteration
-        and takes it back before a waiting thread is scheduled, which resets that thread's switch timeout: a
-        watchdog woken by its own timer waited for the GIL for milliseconds (6 ms median, measured) while
-        every loop iteration paid to wake it. So at the last beat before the watchdog is due, the sentinel
-        wakes it and waits with the GIL released until the watchdog runs (it says so first thing), so the
-        watchdog runs in step with the beats. While the loop is blocked there are no beats, and the watchdog's
-        own timer wakes it."""
+        """Called by the sentinel on the loop at each beat. It pushes the stall timer forward, if there is one.
+
+        A busy loop thread drops the GIL at every iteration and takes it back before a waiting thread is
+        scheduled, which resets that thread's switch timeout: a watchdog woken by its own timer waited for the
+        GIL for milliseconds (6 ms median, measured) while every loop iteration paid to wake it. So at the last
+        beat before the watchdog is due, the sentinel wakes it and waits with the GIL released until the
+        watchdog runs (it says so first thing), so the watchdog runs in step with the beats. While the loop is
+        blocked there are no beats, and the watchdog's own timer (or the stall timer) wakes it."""
+        timer = self.timer
+        if timer is not None and now >= self._rearm_at:
+            # Not at every beat: a re-arm costs the loop about 13 us (a ctypes call, cold; measured in place).
+            # Armed from an older beat, the timer fires up to a quarter threshold early on a stall; the
+            # watchdog then waits out the rest itself (`Detector._next_wait`), so a block is caught on time.
+            self._rearm_at = now + self._rearm_every
+            if timer.arm() != 0:
+                self._lose_timer()
         due = self.due_at
         if now >= due - self._beat_interval and self._handed_off_for != due:
             self._handed_off_for = due
-            self._release()
+            self._sleeper.wake()
             self._running.acquire(timeout=GIL_HANDOFF)
 
-    def _release(self) -> None:
-        try:
-            self._wake.release()
-        except RuntimeError:  # already released: the watchdog has not gone back to sleep yet
-            pass
+    def _lose_timer(self) -> None:
+        """The timer stopped working (it was closed under a running sentinel): look on a schedule again."""
+        if self.timer is not None:
+            self.timer = None
+            self.detector.timer = False
+            logger.warning("loopwatch: the stall timer failed; the watchdog looks every threshold period instead")
+            self._sleeper.wake()
 
     def _run(self) -> None:
-        wait = self.detector.first_wait()
-        self.due_at = time.monotonic() + wait
-        while True:
-            if self._wake.acquire(timeout=wait):
-                try:
-                    self._running.release()  # the sentinel waits for this (or gave up: then its next wait is free)
-                except RuntimeError:
-                    pass
-            if self._stop.is_set():
-                break
-            if not self.watched():
-                logger.warning("loopwatch: the watched loop closed without ending the watch; the watchdog stops")
-                break
-            wait = self._step()
+        try:
+            wait = self.detector.first_wait()
             self.due_at = time.monotonic() + wait
-        self.due_at = float("inf")
-        self._step()
+            while True:
+                if self._sleeper.wait(wait):
+                    try:
+                        self._running.release()  # the sentinel waits for this (or gave up: its next wait is free)
+                    except RuntimeError:
+                        pass
+                if self._stop.is_set():
+                    break
+                if not self.watched():
+                    logger.warning("loopwatch: the watched loop closed without ending the watch; the watchdog stops")
+                    break
+                wait = self._step()
+                self.due_at = time.monotonic() + wait
+            self.due_at = float("inf")
+            self._step()
+        finally:
+            self._sleeper.close()
 
     def _step(self) -> float:
         try:

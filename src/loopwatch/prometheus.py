@@ -457,6 +457,28 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class FlushFirst:
+    """The registry a scrape reads, after the requests still queued are recorded (they are otherwise recorded
+    at the watchdog's next look, up to a second later with a stall timer): a scrape sees every finished call."""
+
+    def __init__(self, registry: Any, flush: Callable[[], None]) -> None:
+        self._registry, self._flush = registry, flush
+
+    def collect(self) -> Any:
+        self._flushed()
+        return self._registry.collect()
+
+    def restricted_registry(self, names: Any) -> Any:
+        self._flushed()
+        return self._registry.restricted_registry(names)
+
+    def _flushed(self) -> None:
+        try:
+            self._flush()
+        except Exception:  # a scrape still answers with what is recorded
+            logger.exception("loopwatch: recording queued requests before a scrape failed")
+
+
 def metrics_route(path: str, registry: Any) -> Any:
     """A Starlette route serving `registry`; encoding runs on a worker thread, never on the loop."""
     import anyio
@@ -541,12 +563,13 @@ class PrometheusExporter:
         monitor.block_hooks.append(self.loop.on_block)
         monitor.stop_hooks.append(self.loop.stopped)
         monitor.add_listener(self.offload)
+        served = FlushFirst(self.exposition, self.flush)
         self.endpoint: Endpoint | None = None
         if options.metrics_port is not None:
-            self.endpoint = start_endpoint(options.metrics_host, options.metrics_port, self.exposition)
+            self.endpoint = start_endpoint(options.metrics_host, options.metrics_port, served)
         self.route: Any = None
         if options.metrics_path:
-            self.route = metrics_route(options.metrics_path, self.exposition)
+            self.route = metrics_route(options.metrics_path, served)
             handle.routes.append(self.route)
 
     def flush(self) -> None:

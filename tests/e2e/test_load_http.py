@@ -40,8 +40,9 @@ async def test_500_calls_from_50_clients_get_the_bare_servers_answers_and_leave_
     assert {o[1] for o in wrapped.outcomes.values()} == {False, True}  # the failures were answered, as bare
 
     half, end = wrapped.stats_half, wrapped.stats_end
+    appeared = sorted(set(end["metric_names"]) - set(half["metric_names"]))
     for key in ("tool_rows", "method_rows", "known_tools", "metric_series"):
-        assert end[key] == half[key], f"{key} grew with traffic: {half[key]} -> {end[key]}"
+        assert end[key] == half[key], f"{key} grew with traffic: {half[key]} -> {end[key]}; new series: {appeared}"
     assert end["tool_rows"] == 3  # echo, fail, and _OTHER for the 50 names no server registered
     assert end["known_tools"] == 2
     assert end["recent_events"] <= 100

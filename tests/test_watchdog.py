@@ -483,3 +483,21 @@ def test_with_a_stall_timer_the_watchdog_wakes_when_it_fires_and_goes_back_to_a_
     assert not dog.is_alive()
     assert dog._sleeper._read == -1 and dog._sleeper._write == -1  # the wake-up pipe went with the thread
     dog.poke()  # harmless once closed
+
+
+def test_a_crunch_right_after_the_watch_starts_is_cpu_though_the_first_look_comes_late():
+    """The watchdog's first look is at the threshold, not after one poll interval: that wait is not time it
+    could not run (it was counted so, and a short crunch at start-up came out as `gil` with no frames)."""
+    w = World()
+    w.now += w.detector.first_wait()  # the watchdog sleeps until a block could first cross the threshold
+    w.cpu += 0.1
+    w.sample = Sample(TOOL_STACK, call("crunch"))
+    w.detector.poll()  # the loop has been crunching since the start
+    w.run(0.04, cpu_share=1.0)
+    w.now += 0.01
+    w.cpu += 0.01
+    w.beat(lag=w.now - 100.0 - 0.01)
+    w.healthy(0.03)
+    [(event, _)] = w.events
+    assert (event.kind, event.tool) == ("cpu", "crunch")
+    assert [f.line for f in event.frames] == [15, 8]

@@ -87,3 +87,14 @@ def free_port(span: int = 1) -> int:
             continue
         return port
     raise RuntimeError("no free ports")
+
+
+def read_events(path) -> list[dict]:
+    """The events of a JSON-lines file another process may be writing: complete lines only (a reader can
+    see the first part of a line being written; a CI run failed on one)."""
+    import json
+
+    if not Path(path).exists():
+        return []
+    *complete, _partial = Path(path).read_text(encoding="utf-8").split("\n")
+    return [json.loads(line) for line in complete if line]

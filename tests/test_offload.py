@@ -330,3 +330,34 @@ def test_the_core_runs_without_sniffio(tmp_path):
     """))
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
+async def test_a_call_whose_context_takes_a_freed_calls_address_still_counts_as_a_strike(anyio_backend):
+    """Counting each block once went by `id(ctx)`: the second call's context could take the first one's freed
+    address, and its strike was dropped (a CI run failed on it in test_strikes_within_the_window_...)."""
+    import gc
+
+    from loopwatch._blame import CallRecord
+
+    class Ctx:  # a request context: weak references allowed, as the SDK's dataclass
+        pass
+
+    server, handle = wrapped(strikes=2)
+    offloader = handle.offload
+    first = Ctx()
+    address = id(first)
+    offloader.on_blocking(CallRecord("tools/call", "lookup", 1, first, "lookup"), 0.15, False, ())
+    offloader.on_blocking(CallRecord("tools/call", "lookup", 1, first, "lookup"), 0.30, False, ())  # the same call
+    assert "lookup" not in offloader.offloaded  # one call, one strike
+    del first
+    gc.collect()
+    kept, second = [], Ctx()
+    while id(second) != address and len(kept) < 100_000:  # freed memory is handed out again: find that address
+        kept.append(second)
+        second = Ctx()
+    assert id(second) == address
+    offloader.on_blocking(CallRecord("tools/call", "lookup", 2, second, "lookup"), 0.15, False, ())
+    assert "lookup" in offloader.offloaded  # two calls, two strikes: moved
+    [moved] = [e for e in handle.monitor.recent if isinstance(e, loopwatch.OffloadEvent)]
+    assert (moved.tool, moved.action, moved.blocks) == ("lookup", "offloaded", 2)

@@ -24,6 +24,7 @@ import os
 import tempfile
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -310,7 +311,10 @@ class Offloader:
         self.pinned: dict[str, str] = {}
         self._strikes: dict[str, deque[float]] = {}
         self._blocks: dict[str, int] = {}
-        self._counted: deque[int] = deque(maxlen=256)
+        self._counted: deque[Any] = deque(maxlen=256)
+        """The calls whose block was counted (weak references to their contexts): a block announced while it
+        went on is told again when it ends, and must count once. Not by `id()`: a later call's context can
+        take the address of an earlier one that was freed (it did in CI: the second strike was dropped)."""
         self._lock = threading.Lock()
         self.pool = LoopPool(options.offload_workers)
         self.limiter: anyio.CapacityLimiter | None = None
@@ -387,10 +391,8 @@ class Offloader:
         if where and not self._in_tool_code(tool, where):
             return  # the time went elsewhere (say, the framework logging the tool's error): moving can't help
         with self._lock:
-            key = call_key(call)
-            if key in self._counted:
+            if not self._first_count(call):
                 return  # the block that was announced while it went on, now finished
-            self._counted.append(key)
             self._blocks[tool] = self._blocks.get(tool, 0) + 1
             if tool in self.offloaded or tool in self.pinned or self.policies.get(tool) == "never":
                 return
@@ -399,6 +401,23 @@ class Offloader:
             if len(strikes) < self.options.strikes or strikes[0] < when - self.options.strike_window:
                 return
         self._offload(tool, reason, self._blocks[tool])
+
+    def _first_count(self, call: Any) -> bool:
+        """True the first time a block of this call is counted (under the lock)."""
+        target = call.ctx if call.ctx is not None else call
+        try:
+            entry: Any = weakref.ref(target)
+        except TypeError:  # a context without weak references: its address and request id, as good as it gets
+            entry = (call_key(call), call.request_id)
+        by_address = not isinstance(entry, weakref.ref)
+        for seen in self._counted:  # never `==` on weak references: that compares the contexts themselves
+            if isinstance(seen, weakref.ref):
+                if seen() is target:
+                    return False
+            elif by_address and seen == entry:
+                return False
+        self._counted.append(entry)
+        return True
 
     def set_policy(self, tool: str, policy: str, reason: str = "manual") -> None:
         with self._lock:

@@ -1,6 +1,5 @@
 """`loopwatch run` over streamable HTTP and SSE, for all three kinds of server, with a real MCP client."""
 
-import json
 import socket
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import pytest
 from mcp import Client, ClientSession
 from mcp.client.sse import sse_client
 
-from helpers import FIXTURES, free_port
+from helpers import FIXTURES, free_port, read_events
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -42,7 +41,7 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> N
 def blocks_of(path, tool, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        lines = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        lines = read_events(path)
         found = [e for e in lines if e["event"] == "loop_blocked" and e["tool"] == tool]
         if found:
             return found

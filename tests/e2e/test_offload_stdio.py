@@ -1,6 +1,5 @@
 """`loopwatch run --offload auto` over stdio: the blocker moves, its context keeps working, answers don't change."""
 
-import json
 import os
 import sys
 
@@ -8,7 +7,7 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
-from helpers import FIXTURES
+from helpers import FIXTURES, read_events
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 SERVER = FIXTURES / "offload_server.py"
@@ -44,7 +43,7 @@ async def test_a_blocking_tool_moves_after_its_first_block_and_keeps_reporting_p
     with anyio.fail_after(10):
         while not events.exists() or "offloaded" not in events.read_text():
             await anyio.sleep(0.05)
-    lines = [json.loads(line) for line in events.read_text().splitlines()]
+    lines = read_events(events)
     blocks = [e for e in lines if e["event"] == "loop_blocked" and e["tool"] == "lookup"]
     [moved] = [e for e in lines if e["event"] == "offloaded"]
     assert moved["tool"] == "lookup" and moved["blocks"] == 1

@@ -6,7 +6,6 @@ come from `--events`, so spans are compared with what the watchdog measured, nev
 """
 
 import gzip
-import json
 import os
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from helpers import free_port
+from helpers import free_port, read_events
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -152,7 +151,7 @@ class Served:
                 return
 
     def all_events(self) -> list[dict]:
-        return [json.loads(line) for line in self.events.read_text().splitlines()] if self.events.exists() else []
+        return read_events(self.events)
 
     def blocks(self, tool: str | None = None) -> list[dict]:
         blocks = [e for e in self.all_events() if e["event"] == "loop_blocked"]

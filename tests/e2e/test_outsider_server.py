@@ -1,6 +1,5 @@
 """A server nobody on the loopwatch team wrote (tests/fixtures/outsider), wrapped by `loopwatch run` over stdio."""
 
-import json
 import os
 import sys
 
@@ -8,7 +7,7 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
-from helpers import FIXTURES
+from helpers import FIXTURES, read_events
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 OUTSIDER = FIXTURES / "outsider"
@@ -55,7 +54,7 @@ async def test_each_blocker_is_found_with_its_kind_and_line_and_moved_and_no_hon
                     kwargs = {"progress_callback": on_progress} if tool == "reindex" else {}
                     tg.start_soon(lambda t=tool, a=args, k=kwargs: client.call_tool(t, a, **k))
         await anyio.sleep(0.3)
-    lines = [json.loads(x) for x in events.read_text().splitlines()]
+    lines = read_events(events)
     blocks = [e for e in lines if e["event"] == "loop_blocked" and e["kind"] != "gc"]
     assert not [e for e in blocks if e["tool"] in {name for name, _ in HONEST}]
     for tool, (_, kind, text) in BLOCKERS.items():

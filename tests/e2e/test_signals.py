@@ -14,7 +14,7 @@ import anyio
 import pytest
 from mcp import Client
 
-from helpers import FIXTURES, free_port
+from helpers import FIXTURES, free_port, read_events
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 WAIT = 60
@@ -148,5 +148,5 @@ async def test_sigterm_during_a_call_over_http_ends_the_server_as_it_ends_the_ba
     assert rest == b""
     whole_lines(events.read_bytes() if events.exists() else b"", "event")
     if call == "blocking":  # the block that was going on when the signal came is in the file
-        blocks = [json.loads(line) for line in events.read_text().splitlines()]
+        blocks = read_events(events)
         assert [b["tool"] for b in blocks if b["event"] == "loop_blocked" and b["tool"]] == ["stuck"]

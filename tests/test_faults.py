@@ -378,3 +378,17 @@ async def test_a_sentinel_hook_that_raises_is_logged_once_and_the_beats_go_on(an
             tg.cancel_scope.cancel()
     assert len(calls) >= 6  # the baseline and every beat: it kept beating and calling
     assert [r.getMessage() for r in caplog.records].count("loopwatch sentinel hook failed; the sentinel goes on") == 1
+
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors through /proc")
+@pytest.mark.parametrize("no_timer", ["", "1"], ids=["stall-timer", "polling"])
+async def test_watching_again_and_again_leaves_no_descriptor_open(anyio_backend, monkeypatch, no_timer):
+    monkeypatch.setenv("LOOPWATCH_NO_TIMER", no_timer)
+    async with loopwatch.watch(threshold=0.1, log_blocks=False):
+        pass  # the first watch opens what stays for the process (the C library, for one)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(10):
+        async with loopwatch.watch(threshold=0.1, log_blocks=False):
+            await anyio.sleep(0.02)
+    assert len(os.listdir("/proc/self/fd")) == before

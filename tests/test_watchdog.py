@@ -478,6 +478,8 @@ def test_with_a_stall_timer_the_watchdog_wakes_when_it_fires_and_goes_back_to_a_
             dog.handoff(0.0)
         assert detector.timer is False and dog.timer is None
         assert "stall timer failed" in caplog.text
+        time.sleep(0.3)
+        assert detector.polls <= 5  # back on its (30 s) schedule: the closed descriptor does not wake it again
     finally:
         dog.stop(timeout=10)
     assert not dog.is_alive()
@@ -501,3 +503,52 @@ def test_a_crunch_right_after_the_watch_starts_is_cpu_though_the_first_look_come
     [(event, _)] = w.events
     assert (event.kind, event.tool) == ("cpu", "crunch")
     assert [f.line for f in event.frames] == [15, 8]
+
+
+def test_a_late_beat_wakes_the_watchdog_at_once():
+    """The block just ended: re-arming the stall timer may have cleared an expiry the watchdog had not read
+    (it fired during a slow step), so the sentinel wakes it itself."""
+    import time
+
+    from loopwatch._watchdog import Watchdog
+
+    detector = LongSleeper()
+    dog = Watchdog(detector)
+    dog.start()
+    try:
+        deadline = time.monotonic() + 10
+        while detector.polls < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        dog.handoff(dog.due_at - 5.0)  # an on-time beat long before the watchdog is due: nothing happens
+        time.sleep(0.05)
+        assert detector.polls == 1
+        detector.hb.record(1, 100.0, 0.15)  # a late beat
+        dog.handoff(dog.due_at - 5.0)
+        while detector.polls < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert detector.polls == 2  # long before its own 30 s wait
+    finally:
+        dog.stop(timeout=10)
+
+
+@needs_timer
+def test_without_a_descriptor_for_its_pipe_the_watchdog_looks_on_a_schedule(monkeypatch):
+    import os
+
+    from loopwatch._watchdog import Watchdog
+
+    def no_descriptors():
+        raise OSError(24, "Too many open files")
+
+    detector = LongSleeper()
+    timer = StallTimer(1.0)
+    try:
+        monkeypatch.setattr(os, "pipe", no_descriptors)
+        dog = Watchdog(detector, timer=timer)
+        monkeypatch.undo()
+        assert dog.timer is None and detector.timer is False
+        dog.start()
+        dog.stop(timeout=10)
+        assert not dog.is_alive() and detector.polls >= 1
+    finally:
+        timer.close()

@@ -232,11 +232,13 @@ class Monitor:
         if watchdog is not None:
             watchdog.stop()
             GC_CLOCK.release()
-        if timer is not None:  # the sentinel has ended: nothing arms it any more
-            timer.close()
             close = getattr(watchdog.detector.demand_clock, "close", None)
             if close is not None:
                 close()
+        # The sentinel has ended: nothing arms the timer any more. A watchdog thread still alive after `stop`
+        # (stuck in a step) may still poll it: then the descriptor is left open rather than closed under it.
+        if timer is not None and (watchdog is None or not watchdog.is_alive()):
+            timer.close()
         self.pump()
 
     # -- events ----------------------------------------------------------------------------------

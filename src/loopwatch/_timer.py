@@ -40,6 +40,8 @@ class StallTimer:
     """
 
     def __init__(self, delay: float) -> None:
+        if not delay > 0:
+            raise ValueError(f"a stall timer needs a positive delay, not {delay!r}")
         libc = _libc()
         create, settime = libc.timerfd_create, libc.timerfd_settime  # AttributeError where there is none
         fd = create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK)
@@ -47,8 +49,6 @@ class StallTimer:
             errno = ctypes.get_errno()
             raise OSError(errno, os.strerror(errno))
         self.fd: int | None = fd
-        if not delay > 0:
-            raise ValueError(f"a stall timer needs a positive delay, not {delay!r}")
         seconds = int(delay)
         self._spec = _Itimerspec(_Timespec(0, 0), _Timespec(seconds, max(1, round((delay - seconds) * 1e9))))
         self._off = _Itimerspec(_Timespec(0, 0), _Timespec(0, 0))
@@ -63,13 +63,14 @@ class StallTimer:
 
     def clear(self) -> None:
         """Consume an expiry, so the descriptor stops being readable (on the watchdog thread)."""
-        fd = self.fd
-        if fd is None:
-            return
-        try:
-            os.read(fd, 8)
-        except OSError:  # nothing to read (a spurious wake, or re-armed meanwhile)
-            pass
+        with self._lock:  # never a read from a number `close` gave back meanwhile
+            fd = self.fd
+            if fd is None:
+                return
+            try:
+                os.read(fd, 8)
+            except OSError:  # nothing to read (a spurious wake, or re-armed meanwhile)
+                pass
 
     def close(self) -> None:
         with self._lock:
@@ -104,8 +105,10 @@ def _closed() -> int:
 
 
 def stall_timer(delay: float) -> StallTimer | None:
-    """A stall timer where the platform has one (Linux) and `LOOPWATCH_NO_TIMER` is unset, else None."""
-    if not sys.platform.startswith("linux") or os.environ.get("LOOPWATCH_NO_TIMER") or not hasattr(select, "poll"):
+    """A stall timer where the platform has one (Linux) and `LOOPWATCH_NO_TIMER` is not set to a true value
+    (`1`, `yes`...), else None."""
+    off = os.environ.get("LOOPWATCH_NO_TIMER", "").strip().lower() not in ("", "0", "false", "no", "off")
+    if off or not sys.platform.startswith("linux") or not hasattr(select, "poll"):
         return None
     try:
         return StallTimer(delay)

@@ -395,27 +395,40 @@ class _TimerSleeper:
 
     def __init__(self, timer: StallTimer) -> None:
         self.timer = timer
-        self._read, self._write = os.pipe()
+        self._read, self._write = os.pipe()  # OSError (no descriptor left): the caller sleeps on a lock instead
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
         self._lock = threading.Lock()
         self._poll = select.poll()
         self._poll.register(self._read, select.POLLIN)
-        if timer.fd is not None:
-            self._poll.register(timer.fd, select.POLLIN)
+        self._timer_fd = timer.fd
+        if self._timer_fd is not None:
+            self._poll.register(self._timer_fd, select.POLLIN)
 
     def wait(self, timeout: float) -> bool:
+        if self._timer_fd is not None and self.timer.fd is None:
+            self._drop_timer()  # closed: a closed descriptor would make every poll return at once
         woken = False
-        for fd, _ in self._poll.poll(max(0.0, timeout) * 1000.0):
+        for fd, events in self._poll.poll(max(0.0, timeout) * 1000.0):
             if fd == self._read:
                 woken = True
                 try:
                     os.read(self._read, 512)
                 except OSError:
                     pass
+            elif events & (select.POLLNVAL | select.POLLERR | select.POLLHUP):
+                self._drop_timer()
             else:
                 self.timer.clear()
         return woken
+
+    def _drop_timer(self) -> None:
+        fd, self._timer_fd = self._timer_fd, None
+        if fd is not None:
+            try:
+                self._poll.unregister(fd)
+            except (KeyError, ValueError, OSError):
+                pass
 
     def wake(self) -> None:
         with self._lock:
@@ -453,10 +466,16 @@ class Watchdog:
         self.watched = watched
         """False once the watched loop is gone (closed, or its thread ended) though nobody stopped the watch."""
         self._stop = threading.Event()
+        self._sleeper: _LockSleeper | _TimerSleeper = _LockSleeper()
+        if timer is not None:
+            try:
+                self._sleeper = _TimerSleeper(timer)
+            except OSError:  # no descriptor for the wake-up pipe: look on a schedule, without the timer
+                timer = None
         self.timer = timer
-        """Re-armed by the sentinel at every beat (`handoff`); owned, and closed, by whoever made it."""
-        self._sleeper: _LockSleeper | _TimerSleeper = _TimerSleeper(timer) if timer is not None else _LockSleeper()
+        """Re-armed by the sentinel every quarter threshold (`handoff`); owned, and closed, by whoever made it."""
         detector.timer = timer is not None
+        self._late = detector.hb.late
         self._running = threading.Lock()
         """Held, except from the moment a watchdog woken by the sentinel runs until the sentinel sees it."""
         self._running.acquire()
@@ -500,6 +519,10 @@ class Watchdog:
         beat before the watchdog is due, the sentinel wakes it and waits with the GIL released until the
         watchdog runs (it says so first thing), so the watchdog runs in step with the beats. While the loop is
         blocked there are no beats, and the watchdog's own timer (or the stall timer) wakes it."""
+        if self._late:
+            # A late beat: a block just ended. Re-arming clears an expiry the watchdog may not have read yet
+            # (it fired during a step), so say it directly: the block is reported now, not at the next look.
+            self._sleeper.wake()
         timer = self.timer
         if timer is not None and now >= self._rearm_at:
             # Not at every beat: a re-arm costs the loop about 13 us (a ctypes call, cold; measured in place).

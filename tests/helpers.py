@@ -98,3 +98,14 @@ def read_events(path) -> list[dict]:
         return []
     *complete, _partial = Path(path).read_text(encoding="utf-8").split("\n")
     return [json.loads(line) for line in complete if line]
+
+
+def has_stall_timer() -> bool:
+    """Whether watches here get a stall timer (Linux timerfd, `LOOPWATCH_NO_TIMER` unset)."""
+    from loopwatch._timer import stall_timer
+
+    probe = stall_timer(1.0)
+    if probe is None:
+        return False
+    probe.close()
+    return True

@@ -6,8 +6,10 @@ from loopwatch._blame import CallRecord, Sample
 from loopwatch._events import BlockEvent
 from loopwatch._gc import GcClock
 from loopwatch._sentinel import Heartbeat
-from loopwatch._timer import StallTimer, stall_timer
+from loopwatch._timer import StallTimer
 from loopwatch._watchdog import HOUSEKEEPING, Detector, classify
+
+from helpers import has_stall_timer
 
 TOOL_STACK = (("/app/server.py", 15, "lookup"), ("/app/legacy.py", 8, "fetch_record"))
 IMPORT_STACK = (("/app/server.py", 20, "report"), ("<frozen importlib._bootstrap>", 1176, "_find_and_load"))
@@ -422,15 +424,7 @@ def test_with_a_stall_timer_a_block_the_watchdog_could_not_run_through_is_gil():
     assert event.frames == ()
 
 
-def _has_stall_timer() -> bool:
-    probe = stall_timer(1.0)
-    if probe is None:
-        return False
-    probe.close()
-    return True
-
-
-needs_timer = pytest.mark.skipif(not _has_stall_timer(), reason="no timerfd on this platform (or LOOPWATCH_NO_TIMER)")
+needs_timer = pytest.mark.skipif(not has_stall_timer(), reason="no timerfd on this platform (or LOOPWATCH_NO_TIMER)")
 
 
 @needs_timer

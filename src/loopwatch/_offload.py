@@ -409,12 +409,8 @@ class Offloader:
             entry: Any = weakref.ref(target)
         except TypeError:  # a context without weak references: its address and request id, as good as it gets
             entry = (call_key(call), call.request_id)
-        by_address = not isinstance(entry, weakref.ref)
-        for seen in self._counted:  # never `==` on weak references: that compares the contexts themselves
-            if isinstance(seen, weakref.ref):
-                if seen() is target:
-                    return False
-            elif by_address and seen == entry:
+        for seen in self._counted:  # never `==` between weak references: that compares the contexts themselves
+            if seen() is target if isinstance(seen, weakref.ref) else seen == entry:
                 return False
         self._counted.append(entry)
         return True

@@ -36,6 +36,11 @@ class Heartbeat:
         """(beat count, time, lag, the loop thread's CPU seconds since the beat before, or None)."""
         self._cpu: float | None = None
 
+    def restart(self, now: float, cpu: float | None) -> None:
+        """The sentinel's baseline: the beat count goes on from where it was."""
+        self._cpu = cpu
+        self.beat = (self.beat[0], now)
+
     def record(self, count: int, now: float, lag: float, cpu: float | None = None) -> None:
         """One beat, with the loop thread's CPU clock read at it (None: unknown). `late` is appended before
         `beat` moves, so a reader that sees the beat sees the record."""
@@ -70,25 +75,28 @@ CHECK_EVERY = 100
 """Beats between calls of the sentinel's `check` (about a second at 10 ms)."""
 
 
+def _unknown() -> None:
+    return None
+
+
 class _Beats:
     """The sentinel's state and its one beat, shared by the asyncio callback and the anyio task."""
 
     __slots__ = ("hb", "clock", "check", "on_beat", "cpu", "interval", "count", "last", "_failed")
 
     def __init__(self, heartbeat: Heartbeat, clock: Clock, check, on_beat, cpu) -> None:
-        self.hb, self.clock, self.check, self.on_beat, self.cpu = heartbeat, clock, check, on_beat, cpu
+        self.hb, self.clock, self.check, self.on_beat = heartbeat, clock, check, on_beat
+        self.cpu: Callable[[], float | None] = cpu or _unknown
         self.interval = heartbeat.interval
         self.count, self.last = heartbeat.beat[0], clock()
-        heartbeat.beat = (self.count, self.last)
-        heartbeat._cpu = cpu() if cpu is not None else None
+        heartbeat.restart(self.last, self.cpu())
         self._failed = False
         self._hooks(self.last, self.count)  # the baseline is a beat too: a stall timer counts from it
 
     def beat(self) -> None:
         now = self.clock()
         self.count = count = self.count + 1
-        cpu = self.cpu
-        self.hb.record(count, now, max(0.0, now - self.last - self.interval), cpu() if cpu is not None else None)
+        self.hb.record(count, now, max(0.0, now - self.last - self.interval), self.cpu())
         self.last = now
         self._hooks(now, count)
 
@@ -109,7 +117,7 @@ class _Beats:
         now = self.clock()
         lag = now - self.last - self.interval
         if lag >= self.hb.threshold:
-            self.hb.record(self.count + 1, now, lag, self.cpu() if self.cpu is not None else None)
+            self.hb.record(self.count + 1, now, lag, self.cpu())
 
 
 async def run_sentinel(

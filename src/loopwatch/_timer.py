@@ -12,6 +12,7 @@ watchdog then waits out the rest of the threshold itself if the last beat is mor
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import select
 import sys
@@ -55,7 +56,7 @@ class StallTimer:
         self._settime = settime
         self._lock = threading.Lock()
         # No argtypes: ints, a byref and None convert natively, a third faster than declared types (measured).
-        self.arm: Callable[[], int] = _bound(settime, fd, ctypes.byref(self._spec))
+        self.arm: Callable[[], int] = functools.partial(settime, fd, 0, ctypes.byref(self._spec), None)
         if self.arm() != 0:
             errno = ctypes.get_errno()
             os.close(fd)
@@ -92,12 +93,6 @@ def _libc() -> ctypes.CDLL:
     if _LIBC is None:
         _LIBC = ctypes.CDLL(None, use_errno=True)
     return _LIBC
-
-
-def _bound(settime: Callable[..., int], fd: int, spec: object) -> Callable[[], int]:
-    from functools import partial
-
-    return partial(settime, fd, 0, spec, None)
 
 
 def _closed() -> int:

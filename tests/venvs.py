@@ -1,0 +1,102 @@
+"""Virtual environments of their own for the tests that need another SDK generation or a published server.
+
+The test run's own environment has mcp 2.x. A server on mcp 1.x, fastmcp 2.x/3.x, the oldest anyio the project
+allows, or a published server from PyPI runs in an environment made for it here, with loopwatch installed from
+this checkout, and is driven from the test process (a real MCP client of the run's own SDK, in both protocol
+eras) over stdio or HTTP -- as a user's client drives it.
+
+`sdk_venv(name, requirements)` makes `.venvs/<name>` at the top of the checkout once and reuses it while the
+requirements are the same (a stamp file holds them); a failed install says what pip printed. Installs are
+bounded in time. The folder is ignored by git.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+VENVS = ROOT / ".venvs"
+INSTALL_TIMEOUT = 600.0
+
+
+class Venv:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.bin = path / "bin"
+        self.python = str(self.bin / "python")
+
+    def exe(self, name: str) -> str:
+        """A console script installed in this environment."""
+        return str(self.bin / name)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment to run this venv's programs with: its bin first on PATH, no leaked PYTHONPATH."""
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+        env["PATH"] = f"{self.bin}{os.pathsep}{env.get('PATH', '')}"
+        env["VIRTUAL_ENV"] = str(self.path)
+        env.update(extra)
+        return env
+
+    def version(self, dist: str) -> str | None:
+        """The installed version of a distribution in this environment (None if absent)."""
+        code = (
+            "import importlib.metadata as m, sys\n"
+            "try: print(m.version(sys.argv[1]))\n"
+            "except m.PackageNotFoundError: print('')\n"
+        )
+        out = subprocess.run([self.python, "-c", code, dist], capture_output=True, text=True, timeout=60)
+        return out.stdout.strip() or None
+
+
+def _pip(python: str, args: list[str]) -> None:
+    cmd = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=INSTALL_TIMEOUT)
+    if done.returncode != 0:
+        raise RuntimeError(f"pip install {' '.join(args)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+
+
+def sdk_venv(name: str, requirements: list[str], *, loopwatch: str | None = "", no_deps_loopwatch: bool = False) -> Venv:
+    """A virtual environment `.venvs/<name>` with `requirements` and loopwatch from this checkout.
+
+    `loopwatch` is the extras spec to install it with ("" for the core, "[all]", ...), or None to leave
+    loopwatch out (a server environment loopwatch must reach by itself). Installed in one pip run with the
+    requirements, so pip must find versions that satisfy both: installing loopwatch never moves the SDK.
+    """
+    spec = {"python": sys.version, "requirements": requirements, "loopwatch": loopwatch, "no_deps": no_deps_loopwatch}
+    stamp_text = json.dumps(spec, sort_keys=True)
+    path = VENVS / name
+    stamp = path / "loopwatch-test-stamp.json"
+    venv = Venv(path)
+    if stamp.exists() and stamp.read_text() == stamp_text and Path(venv.python).exists():
+        return venv
+    VENVS.mkdir(exist_ok=True)
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=300)
+    args = list(requirements)
+    if loopwatch is not None and not no_deps_loopwatch:
+        args = ["-e", f"{ROOT}{loopwatch}", *args]
+    if args:
+        _pip(venv.python, args)
+    if loopwatch is not None and no_deps_loopwatch:
+        _pip(venv.python, ["--no-deps", "-e", str(ROOT)])
+    stamp.write_text(stamp_text)
+    return venv
+
+
+def venv_fixture(name: str, requirements: list[str], **kwargs):
+    """A session-scoped pytest fixture for `sdk_venv(...)`; the install failing fails the tests that use it."""
+
+    @pytest.fixture(scope="session")
+    def _fixture() -> Venv:
+        return sdk_venv(name, requirements, **kwargs)
+
+    return _fixture

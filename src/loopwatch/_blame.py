@@ -137,7 +137,10 @@ def register_sdk_frames() -> None:
     """Blame through the SDK's own request frame, so un-instrumented servers are blamed too."""
     try:
         from mcp.server.runner import ServerRunner
-    except Exception:
+    except Exception:  # mcp 1.x: no runner; its Server._handle_request frame names the request
+        from .servers.mcp1 import register_sdk_frames as register_mcp1_frames
+
+        register_mcp1_frames()
         return
     register_call_frame(ServerRunner._on_request.__code__, _read_sdk_request)
 

@@ -287,7 +287,7 @@ def _bridgeable(value: Any) -> bool:
 
 
 def _is_context(value: Any) -> bool:
-    return type(value).__name__ in ("Context", "ServerRequestContext") and _bridgeable(value)
+    return type(value).__name__ in ("Context", "ServerRequestContext", "RequestContext") and _bridgeable(value)
 
 
 def is_loop_bound_error(exc: BaseException) -> bool:
@@ -319,9 +319,9 @@ class Offloader:
         self.pool = LoopPool(options.offload_workers)
         self.limiter: anyio.CapacityLimiter | None = None
         self.portal: LoopRef | None = None
-        self._swapped: dict[str, tuple[Any, str, Any]] = {}
-        self._kind = _server_kind(handle.server)
-        self._lowlevel_original: Any = None
+        self._swapped: dict[str, Callable[[], None]] = {}
+        """Tool -> the undo of its swap."""
+        self.adapter = handle.adapter
 
     # lifecycle
     def install(self) -> Offloader:
@@ -330,8 +330,6 @@ class Offloader:
         self.monitor.services.append(self._service)
         self.monitor.where = self._where(self.monitor.where)
         self.handle.middleware.offloaded = self.offloaded
-        if self._kind == "lowlevel":
-            self._wrap_lowlevel_handler()
         self._load_state()
         for tool, policy in self.policies.items():
             if policy == "always":
@@ -341,8 +339,7 @@ class Offloader:
     def close(self) -> None:
         for tool in list(self._swapped):
             self._restore_fn(tool)
-        if self._lowlevel_original is not None:
-            self._lowlevel()._request_handlers["tools/call"] = self._lowlevel_original
+        self.adapter.restore_tools()
         if self.on_block in self.monitor.block_hooks:
             self.monitor.block_hooks.remove(self.on_block)
         if self.on_blocking in self.monitor.blocking_hooks:
@@ -432,8 +429,7 @@ class Offloader:
             logger.info("loopwatch: tool %s stays on the loop: %s", tool, "not a tool loopwatch can move")
             return
         self.offloaded[tool] = reason
-        if self._kind != "lowlevel":
-            self._swap_fn(tool)
+        self._swap_fn(tool)
         self.monitor.post(OffloadEvent(time=time.time(), tool=tool, action="offloaded", reason=reason, blocks=blocks))
         self._save_state()
 
@@ -484,88 +480,34 @@ class Offloader:
         return (code.co_filename, code.co_name) in where
 
     def _tool_callable(self, tool: str) -> Any:
-        if tool in self._swapped:
-            return self._swapped[tool][2]
-        if self._kind == "lowlevel":
-            entry = self._lowlevel_original or self._lowlevel()._request_handlers.get("tools/call")
-            return getattr(entry, "handler", None)
-        found = self._find_tool(tool)
-        return getattr(found, "fn", None)
+        return self.adapter.tool_fn(tool)
 
-    # server kinds
+    # server kinds: the adapter knows its family's tools (`loopwatch.servers`)
     def _can_move(self, tool: str) -> bool:
-        if self._kind == "lowlevel":
-            return True
-        found = self._find_tool(tool)
-        return found is not None and self._movable(found)
-
-    def _movable(self, tool: Any) -> bool:
-        if self._kind == "mcpserver":
-            return bool(tool.is_async) or tool.name in self._swapped
-        fn = getattr(tool, "fn", None)
-        if fn is None:
-            return False
-        return inspect.iscoroutinefunction(fn) or not getattr(tool, "run_in_thread", True)
-
-    def _find_tool(self, name: str) -> Any:
-        server = self.handle.server
-        if self._kind == "mcpserver":
-            return server._tool_manager.get_tool(name)
-        from .mcp import _fastmcp_tools
-
-        return next((t for t in _fastmcp_tools(server) if getattr(t, "name", None) == name), None)
+        return tool in self._swapped or self.adapter.can_move(tool)
 
     def _swap_fn(self, name: str) -> None:
         if name in self._swapped:
             return
-        tool = self._find_tool(name)
-        if tool is None:
-            return
-        original = tool.fn
-        was_async = getattr(tool, "is_async", None)
         offloader = self
 
-        @functools.wraps(original)
-        async def offloaded(*args: Any, **kwargs: Any) -> Any:
-            if name not in offloader.offloaded:
-                return await _call(original, args, kwargs)
-            return await offloader.run(name, original, args, kwargs)
+        def divert(original: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(original)
+            async def offloaded(*args: Any, **kwargs: Any) -> Any:
+                if name not in offloader.offloaded:
+                    return await _call(original, args, kwargs)
+                return await offloader.run(name, original, args, kwargs)
 
-        self._swapped[name] = (tool, "fn", original)
-        tool.fn = offloaded
-        if was_async is False:
-            tool.is_async = True
+            return offloaded
+
+        undo = self.adapter.swap_tool(name, divert)
+        if undo is not None:
+            self._swapped[name] = undo
 
     def _restore_fn(self, name: str) -> None:
-        entry = self._swapped.pop(name, None)
-        if entry is None:
-            return
-        tool, attr, original = entry
-        setattr(tool, attr, original)
-        if self._kind == "mcpserver":
-            tool.is_async = inspect.iscoroutinefunction(original)
-
-    def _lowlevel(self) -> Any:
-        return self.handle._lowlevel
-
-    def _wrap_lowlevel_handler(self) -> None:
-        server = self._lowlevel()
-        handlers = getattr(server, "_request_handlers", None)
-        entry = handlers.get("tools/call") if isinstance(handlers, dict) else None
-        if entry is None:
-            logger.info("loopwatch: this low-level server has no tools/call handler; nothing to offload")
-            return
-        original = entry.handler
-        offloader = self
-
-        async def handler(ctx: Any, params: Any) -> Any:
-            name = getattr(params, "name", None)
-            if name not in offloader.offloaded:
-                return await original(ctx, params)
-            return await offloader.run(name, original, (ctx, params), {})
-
-        self._lowlevel_original = entry
-        handlers["tools/call"] = type(entry)(entry.params_type, handler)
+        undo = self._swapped.pop(name, None)
+        if undo is not None:
+            undo()
 
     # state file
     def _load_state(self) -> None:
@@ -611,12 +553,6 @@ def _code_of(fn: Any) -> Any:
         return getattr(inspect.unwrap(fn), "__code__", None) if fn is not None else None
     except ValueError:
         return None
-
-
-def _server_kind(server: Any) -> str:
-    from .mcp import server_kind
-
-    return server_kind(server)
 
 
 async def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

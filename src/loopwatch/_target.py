@@ -91,10 +91,10 @@ def _stdout_to_stderr() -> Iterator[None]:
 
 
 def is_server(obj: Any) -> bool:
-    from .mcp import lowlevel_server
+    from .servers import adapter_for
 
     try:
-        lowlevel_server(obj)
+        adapter_for(obj)
     except TypeError:
         return False
     return not inspect.isclass(obj)
@@ -128,10 +128,8 @@ def _required_params(fn: Any) -> list[str]:
 
 
 async def serve(server: Any, transport: str, host: str, port: int, extra_routes: list[Any] | None = None) -> None:
-    from .mcp import server_kind
-
     if transport == "stdio":
-        await _serve_stdio(server, server_kind(server))
+        await _serve_stdio(server)
         return
     app = http_app(server, transport, host)
     for route in extra_routes or ():
@@ -142,17 +140,11 @@ async def serve(server: Any, transport: str, host: str, port: int, extra_routes:
     await uvicorn.Server(config).serve()
 
 
-async def _serve_stdio(server: Any, kind: str) -> None:
-    try:
-        if kind == "fastmcp":
-            await server.run_stdio_async(show_banner=False)
-        elif kind == "mcpserver":
-            await server.run_stdio_async()
-        else:
-            from mcp.server.stdio import stdio_server
+async def _serve_stdio(server: Any) -> None:
+    from .servers import adapter_for
 
-            async with stdio_server() as (read, write):
-                await server.run(read, write, server.create_initialization_options())
+    try:
+        await adapter_for(server).serve_stdio()
     finally:
         _stdout_off_the_wire()
 
@@ -168,30 +160,6 @@ def _stdout_off_the_wire() -> None:
 
 
 def http_app(server: Any, transport: str, host: str) -> Any:
-    from .mcp import server_kind
+    from .servers import adapter_for
 
-    kind = server_kind(server)
-    if kind == "fastmcp":
-        return server.http_app(transport="http" if transport == "streamable-http" else "sse")
-    if transport == "streamable-http":
-        return server.streamable_http_app(host=host)
-    if kind == "mcpserver":
-        return server.sse_app(host=host)
-    return _lowlevel_sse_app(server)
-
-
-def _lowlevel_sse_app(server: Any) -> Any:
-    from mcp.server.sse import SseServerTransport
-    from starlette.applications import Starlette
-    from starlette.responses import Response
-    from starlette.routing import Mount, Route
-
-    sse = SseServerTransport("/messages/")
-
-    async def handle_sse(request: Any) -> Response:
-        async with sse.connect_sse(request.scope, request.receive, request._send) as (read, write):
-            await server.run(read, write, server.create_initialization_options())
-        return Response()
-
-    routes = [Route("/sse", endpoint=handle_sse, methods=["GET"]), Mount("/messages/", app=sse.handle_post_message)]
-    return Starlette(routes=routes)
+    return adapter_for(server).http_app(transport, host)

@@ -21,6 +21,7 @@ from ._blame import TOOL_NAME_MAX, CallRecord, record_from_context, register_cal
 from ._monitor import Monitor
 from ._options import Options
 from ._stats import OTHER, ToolNames
+from .servers import ServerAdapter, adapter_for
 
 logger = logging.getLogger("loopwatch")
 
@@ -189,10 +190,12 @@ register_call_frame(LoopwatchMiddleware._call_with_record.__code__)
 def _is_tool_error(result: Any) -> bool:
     if isinstance(result, dict):
         return result.get("isError") is True
+    result = getattr(result, "root", result)  # mcp 1.x handlers answer a ServerResult around the result
     return getattr(result, "is_error", False) is True or getattr(result, "isError", False) is True
 
 
 def _listed_names(result: Any) -> list[Any]:
+    result = getattr(result, "root", result)
     tools = result.get("tools") if isinstance(result, dict) else getattr(result, "tools", None)
     if not isinstance(tools, list):
         return []
@@ -203,69 +206,13 @@ def _listed_names(result: Any) -> list[Any]:
 
 
 def lowlevel_server(server: Any) -> Any:
-    """The SDK `Server` whose middleware list and lifespan every kind of server runs through."""
-    for attr in ("_lowlevel_server", "_mcp_server"):
-        inner = getattr(server, attr, None)
-        if inner is not None and hasattr(inner, "middleware"):
-            return inner
-    if hasattr(server, "middleware") and hasattr(server, "lifespan") and hasattr(server, "run"):
-        return server
-    raise TypeError(
-        f"loopwatch cannot instrument {type(server).__module__}.{type(server).__qualname__}: "
-        "expected an mcp Server, an MCPServer or a fastmcp.FastMCP (mcp>=2.2)"
-    )
+    """The SDK `Server` whose lifespan (and middleware seam) every kind of server runs through."""
+    return adapter_for(server).lowlevel
 
 
 def server_kind(server: Any) -> str:
-    if hasattr(server, "_lowlevel_server"):
-        return "mcpserver"
-    if hasattr(server, "_mcp_server"):
-        return "fastmcp"
-    return "lowlevel"
-
-
-def _registry(server: Any) -> tuple[Callable[[str], bool] | None, Callable[[str], str]]:
-    kind = server_kind(server)
-    if kind == "mcpserver":
-        manager = server._tool_manager
-
-        def where_mcp(name: str) -> str:
-            tool = manager.get_tool(name)
-            return "thread" if tool is not None and not tool.is_async else "loop"
-
-        return (lambda name: manager.get_tool(name) is not None), where_mcp
-    if kind == "fastmcp":
-        return _fastmcp_tool_is_registered(server), _fastmcp_where(server)
-    return None, lambda name: "loop"
-
-
-def _fastmcp_tools(server: Any) -> list[Any]:
-    provider = getattr(server, "_local_provider", None)
-    components = getattr(provider, "_components", None)
-    if not isinstance(components, dict):
-        return []
-    return [c for c in list(components.values()) if type(c).__name__.endswith("Tool")]
-
-
-def _fastmcp_tool_is_registered(server: Any) -> Callable[[str], bool]:
-    def registered(name: str) -> bool:
-        return any(getattr(t, "name", None) == name for t in _fastmcp_tools(server))
-
-    return registered
-
-
-def _fastmcp_where(server: Any) -> Callable[[str], str]:
-    import inspect
-
-    def where(name: str) -> str:
-        for tool in _fastmcp_tools(server):
-            if getattr(tool, "name", None) == name:
-                fn = getattr(tool, "fn", None)
-                sync = fn is not None and not inspect.iscoroutinefunction(fn)
-                return "thread" if sync and getattr(tool, "run_in_thread", True) else "loop"
-        return "loop"
-
-    return where
+    """`lowlevel`, `mcpserver` or `fastmcp`: the shape of the server's tool registry."""
+    return adapter_for(server).kind
 
 
 # -- the handle ---------------------------------------------------------------------------------------
@@ -274,11 +221,13 @@ def _fastmcp_where(server: Any) -> Callable[[str], str]:
 class Handle:
     """What `instrument()` returns: read the numbers, listen to events, undo it."""
 
-    def __init__(self, server: Any, lowlevel: Any, monitor: Monitor) -> None:
+    def __init__(self, server: Any, adapter: ServerAdapter, monitor: Monitor) -> None:
         self.server = server
         self.monitor = monitor
         self.middleware = LoopwatchMiddleware(monitor)
-        self._lowlevel = lowlevel
+        self.adapter = adapter
+        """The server's family: its seam, tools and transports (`loopwatch.servers`)."""
+        lowlevel = self._lowlevel = adapter.lowlevel
         self._original_lifespan = lowlevel.lifespan
         self.extensions: list[Any] = []
         self.routes: list[Any] = []
@@ -314,8 +263,7 @@ class Handle:
         self.offload.set_policy(tool, policy, reason="manual")
 
     def _install(self) -> None:
-        chain = self._lowlevel.middleware
-        chain.insert(_position(chain), self.middleware)
+        self.adapter.install(self.middleware)
         original, monitor = self._original_lifespan, self.monitor
 
         def lifespan(server: Any) -> Any:
@@ -327,9 +275,7 @@ class Handle:
 
     def uninstrument(self) -> None:
         """Remove the middleware and the lifespan hook. Safe to call twice."""
-        chain = self._lowlevel.middleware
-        if self.middleware in chain:
-            chain.remove(self.middleware)
+        self.adapter.remove(self.middleware)
         if getattr(self._lowlevel.lifespan, "_loopwatch_original", None) is self._original_lifespan:
             self._lowlevel.lifespan = self._original_lifespan
         if getattr(self._lowlevel, _ATTR, None) is self:
@@ -344,14 +290,6 @@ class Handle:
         self.extensions.clear()
 
 
-def _position(chain: list[Any]) -> int:
-    """Inside the SDK's OpenTelemetry middleware (so its span is current), outside everything else."""
-    for index, middleware in enumerate(chain):
-        if type(middleware).__name__ == "OpenTelemetryMiddleware":
-            return index + 1
-    return 0
-
-
 @asynccontextmanager
 async def _monitored(monitor: Monitor, inner: Any) -> AsyncIterator[Any]:
     async with monitor.running(), inner as state:
@@ -360,17 +298,16 @@ async def _monitored(monitor: Monitor, inner: Any) -> AsyncIterator[Any]:
 
 def instrument(server: Any, **options: Any) -> Handle:
     """Watch `server`'s event loop whenever it runs. Returns a handle; calling again returns the same one."""
-    lowlevel = lowlevel_server(server)
-    existing = getattr(lowlevel, _ATTR, None)
+    adapter = adapter_for(server)
+    existing = getattr(adapter.lowlevel, _ATTR, None)
     if existing is not None:
         if options and Options.build(**options) != existing.options:
             logger.warning("loopwatch: server already instrumented; the new options are ignored")
         return existing
     opts = Options.build(**options)
-    registry, where = _registry(server)
-    monitor = Monitor(opts, ToolNames(opts.max_tools, registry))
-    monitor.where = where
-    handle = Handle(server, lowlevel, monitor)
+    monitor = Monitor(opts, ToolNames(opts.max_tools, adapter.registered()))
+    monitor.where = adapter.where
+    handle = Handle(server, adapter, monitor)
     handle._install()
     from ._extensions import install_extensions
 
@@ -383,4 +320,4 @@ def instrument(server: Any, **options: Any) -> Handle:
 
 
 def handle_of(server: Any) -> Handle | None:
-    return getattr(lowlevel_server(server), _ATTR, None)
+    return getattr(adapter_for(server).lowlevel, _ATTR, None)

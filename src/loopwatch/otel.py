@@ -72,7 +72,6 @@ class Tracing:
 
     def __init__(self, handle: Any) -> None:
         from . import __version__
-        from .mcp import lowlevel_server
 
         self.monitor = handle.monitor
         self.provider = handle.options.tracer_provider
@@ -82,7 +81,7 @@ class Tracing:
         self.closer = SpanCloser(self.monitor)
         self.evidence = BlockEvidence(tracer, self.configured)
         self.handle = handle
-        self._chain = lowlevel_server(handle.server).middleware
+        self._chain = handle.adapter.chain()
         outer = self._chain.index(handle.middleware)
         self.inner: RequestSpanMiddleware | None = None
         if _sdk_span_outside(self._chain, outer):

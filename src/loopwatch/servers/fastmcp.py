@@ -1,0 +1,87 @@
+"""The `fastmcp` package: 4.x on mcp 2.x (the middleware list), 2.x and 3.x on mcp 1.x (the handler table).
+
+fastmcp 3.x and 4.x keep tools in `_local_provider` and run sync tools in a thread unless `run_in_thread=False`;
+fastmcp 2.x keeps them in `_tool_manager._tools` and runs sync tools inline, on the loop.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from ._base import Adapter, MiddlewareList, is_sync
+from .mcp1 import HandlerTable
+
+
+def adapter(server: Any) -> Adapter | None:
+    inner = getattr(server, "_mcp_server", None)
+    if inner is None or not type(server).__module__.startswith("fastmcp"):
+        return None
+    if hasattr(inner, "middleware"):
+        return FastMCP4(server, inner)
+    if isinstance(getattr(inner, "request_handlers", None), dict):
+        return (FastMCP3 if hasattr(server, "_local_provider") else FastMCP2)(server, inner)
+    return None
+
+
+class Tools(Adapter):
+    """fastmcp's tool registry, shared by its generations."""
+
+    kind = "fastmcp"
+
+    def tools(self) -> list[Any]:
+        provider = getattr(self.server, "_local_provider", None)
+        components = getattr(provider, "_components", None)
+        if not isinstance(components, dict):
+            return []
+        return [c for c in list(components.values()) if type(c).__name__.endswith("Tool")]
+
+    def find_tool(self, name: str) -> Any:
+        return next((t for t in self.tools() if getattr(t, "name", None) == name), None)
+
+    def registered(self) -> Callable[[str], bool] | None:
+        return lambda name: self.find_tool(name) is not None
+
+    def where(self, name: str) -> str:
+        tool = self.find_tool(name)
+        fn = getattr(tool, "fn", None)
+        return "thread" if is_sync(fn) and self.threads_sync(tool) else "loop"
+
+    def threads_sync(self, tool: Any) -> bool:
+        return bool(getattr(tool, "run_in_thread", True))
+
+    def can_move(self, name: str) -> bool:
+        tool = self.find_tool(name)
+        fn = getattr(tool, "fn", None)
+        return fn is not None and (inspect.iscoroutinefunction(fn) or not self.threads_sync(tool))
+
+    async def serve_stdio(self) -> None:
+        await self.server.run_stdio_async(show_banner=False)
+
+    def http_app(self, transport: str, host: str) -> Any:
+        return self.server.http_app(transport="http" if transport == "streamable-http" else "sse")
+
+
+class FastMCP4(MiddlewareList, Tools):
+    """fastmcp removes the SDK's OpenTelemetryMiddleware (it opens its own spans) and appends its dispatch."""
+
+    family = "fastmcp4"
+
+
+class FastMCP3(HandlerTable, Tools):
+    family = "fastmcp3"
+
+
+class FastMCP2(HandlerTable, Tools):
+    """fastmcp 2.x: sync tools run inline, on the loop: every tool can block it, and every tool can move."""
+
+    family = "fastmcp2"
+
+    def tools(self) -> list[Any]:
+        manager = getattr(self.server, "_tool_manager", None)
+        tools = getattr(manager, "_tools", None)
+        return list(tools.values()) if isinstance(tools, dict) else []
+
+    def threads_sync(self, tool: Any) -> bool:
+        return False

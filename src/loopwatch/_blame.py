@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from types import CodeType, FrameType
 from typing import Any
 
-from ._events import Frame
+from ._events import REPORT_TEXT_MAX, Frame, report_text
 
 MAX_DEPTH = 128
 CALL_LOCAL = "_lw_call"
-TOOL_NAME_MAX = 200
+TOOL_NAME_MAX = REPORT_TEXT_MAX
 """Characters of a client-sent tool name kept in reports."""
 
 CallReader = Callable[[FrameType], "CallRecord | None"]
@@ -38,12 +38,14 @@ class CallRecord:
     __slots__ = ("method", "tool", "label", "request_id", "ctx", "started", "blocked_s", "execution", "span")
 
     def __init__(self, method: str, tool: str | None, request_id: Any, ctx: Any, label: str = "") -> None:
-        self.method = method
+        # The one place client-chosen strings enter loopwatch's tables and reports: each is cut and escaped here.
+        self.method = report_text(method)
         self.tool = tool
-        """The tool name the client sent (truncated), for reports."""
+        """The tool name the client sent (cut and escaped by `report_text`), for reports."""
         self.label = label
         """The bounded label for metrics: a registered tool name, `_OTHER`, or "" outside tools/call."""
-        self.request_id = request_id
+        self.request_id = request_id if request_id is None or request_id.__class__ is int else report_text(request_id)
+        """The id as reports carry it: an int, or the client's string cut and escaped."""
         self.ctx = ctx
         self.started = 0.0
         self.blocked_s = 0.0
@@ -62,9 +64,10 @@ class CallRecord:
         if headers is None:
             return None
         try:
-            return headers.get("mcp-session-id")
+            session = headers.get("mcp-session-id")
         except Exception:
             return None
+        return None if session is None else report_text(session)
 
     def arguments(self) -> dict[str, Any] | None:
         params = getattr(self.ctx, "params", None) or {}
@@ -125,7 +128,7 @@ def record_from_context(ctx: Any) -> CallRecord | None:
         return None
     params = getattr(ctx, "params", None) or {}
     name = params.get("name") if method == "tools/call" and hasattr(params, "get") else None
-    tool = name[:TOOL_NAME_MAX] if isinstance(name, str) else None
+    tool = report_text(name) if isinstance(name, str) else None
     return CallRecord(method, tool, getattr(ctx, "request_id", None), ctx)
 
 

@@ -13,6 +13,35 @@ logger = logging.getLogger("loopwatch")
 
 BlockKind = Literal["cpu", "wait", "gil", "import", "gc", "unknown"]
 
+REPORT_TEXT_MAX = 200
+"""Characters of a client-chosen string (method, tool name, request id) kept in tables and reports."""
+
+
+def report_text(value: Any, limit: int = REPORT_TEXT_MAX) -> str:
+    """A client-chosen string as reports carry it: cut at `limit` characters, control characters escaped.
+
+    A request id or name is the client's to choose: raw, a newline in it forges a log line, a terminal escape
+    reaches the operator's terminal, a megabyte of it sits in every table and report. The common case (short,
+    printable) is returned as it is, after one C-level check.
+    """
+    text = value if value.__class__ is str else _as_text(value)
+    if len(text) <= limit and text.isprintable():
+        return text
+    cut = text[:limit]
+    return cut if cut.isprintable() else "".join(c if c.isprintable() else _escape(c) for c in cut)
+
+
+def _as_text(value: Any) -> str:
+    try:
+        return str(value)
+    except ValueError:  # an integer past Python's digit limit for str()
+        return f"<an integer of {value.bit_length()} bits>"
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
 
 @dataclass(frozen=True, slots=True)
 class Frame:

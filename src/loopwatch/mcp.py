@@ -17,7 +17,8 @@ from typing import Any, Protocol
 
 import anyio
 
-from ._blame import TOOL_NAME_MAX, CallRecord, record_from_context, register_call_frame
+from ._blame import CallRecord, record_from_context, register_call_frame
+from ._events import report_text
 from ._monitor import Monitor
 from ._options import Options
 from ._stats import OTHER, ToolNames
@@ -79,7 +80,7 @@ class LoopwatchMiddleware:
         row.errors += error
         row.durations.append(duration)
         if label == OTHER and not error and name.__class__ is str and self.tools.learns_from_success:
-            self.tools.admit(name[:TOOL_NAME_MAX])
+            self.tools.admit(report_text(name))
         return result
 
     def _tool_row(self, name: Any) -> tuple[str, Any]:
@@ -94,14 +95,14 @@ class LoopwatchMiddleware:
         if method == "tools/call":
             name = ctx.params.get("name") if ctx.params else None
             label, row = self._tool_row(name)
-            raw = name[:TOOL_NAME_MAX] if isinstance(name, str) else None
+            raw = report_text(name) if isinstance(name, str) else None
             _lw_call = CallRecord(method, raw, request_id, ctx, label)
             if label in self.offloaded:
                 _lw_call.execution = "thread"
         else:
             label = ""
-            row = self.stats.method(method)
             _lw_call = CallRecord(method, None, request_id, ctx)
+            row = self.stats.method(_lw_call.method)  # cut: a client may send a megabyte of method name
         hooks = self.hooks
         for hook in hooks:
             try:

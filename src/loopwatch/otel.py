@@ -32,7 +32,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from ._blame import CallRecord
-from ._events import BlockEvent, Event, OffloadEvent
+from ._events import BlockEvent, Event, OffloadEvent, report_text
 from ._extensions import MissingExtra
 from ._options import OptionError
 
@@ -282,23 +282,23 @@ def span_name(call: CallRecord) -> str:
 def request_attributes(ctx: Any) -> dict[str, Any]:
     """The attributes the SDK's OpenTelemetryMiddleware sets, for the spans loopwatch opens itself."""
     method = ctx.method
-    attributes: dict[str, Any] = {"mcp.method.name": method}
+    attributes: dict[str, Any] = {"mcp.method.name": report_text(method)}
     version = getattr(ctx, "protocol_version", None)
     if version:
         attributes["mcp.protocol.version"] = version
     if ctx.request_id is not None:
-        attributes["jsonrpc.request.id"] = str(ctx.request_id)
+        attributes["jsonrpc.request.id"] = report_text(ctx.request_id)  # client-chosen: cut and escaped
     name = ctx.params.get("name") if ctx.params else None
     if method == "tools/call":
         attributes["gen_ai.operation.name"] = "execute_tool"
         if isinstance(name, str):
-            attributes["gen_ai.tool.name"] = name
+            attributes["gen_ai.tool.name"] = report_text(name)
     elif method == "prompts/get" and isinstance(name, str):
-        attributes["gen_ai.prompt.name"] = name
+        attributes["gen_ai.prompt.name"] = report_text(name)
     elif method == "resources/read":
         uri = ctx.params.get("uri") if ctx.params else None
         if isinstance(uri, str):
-            attributes["mcp.resource.uri"] = uri
+            attributes["mcp.resource.uri"] = report_text(uri, 2048)
     return attributes
 
 

@@ -4,8 +4,12 @@ file stays whole JSON lines and bounded; state files and paths fail clearly; wat
 Each test here failed on the code before the fix it checks.
 """
 
+import contextlib
 import json
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import anyio
 import pytest
@@ -13,6 +17,7 @@ from mcp import Client
 
 import loopwatch
 from loopwatch._blame import CallRecord
+from loopwatch._events import BlockEvent, Frame, JsonLinesWriter
 
 from helpers import fresh
 
@@ -110,3 +115,166 @@ async def test_a_block_under_a_hostile_request_id_is_reported_on_one_bounded_pri
     assert json.loads(lines[0])["request_id"] == event.request_id
     assert len(json.dumps(handle.snapshot())) < 64 * 1024
     handle.uninstrument()
+
+
+# -- 3. a full disk: whole JSON lines ---------------------------------------------------------------------
+
+FRAMES = tuple(Frame(f"/srv/app/module_{i}.py", 10 + i, f"step_{i}") for i in range(20))
+
+
+def block(n, **overrides):
+    fields = dict(time=1700000000.0 + n, duration_s=0.3, kind="wait", tool="lookup", method="tools/call",
+                  request_id=str(n), session_id=None, cpu_s=0.01, samples=20, frames=FRAMES, culprit=FRAMES[0])
+    fields.update(overrides)
+    return BlockEvent(**fields)
+
+
+def assert_whole_lines(path):
+    data = path.read_bytes()
+    assert not data or data.endswith(b"\n"), data[-80:]
+    return [json.loads(line)["request_id"] for line in data.splitlines()]
+
+
+def fill_until_refused(writer, path, caplog):
+    """Events until the disk refuses one; the numbers of those written."""
+    with caplog.at_level(logging.ERROR, logger="loopwatch"):
+        for n in range(10_000):
+            writer(block(n))
+            if "cannot write events" in caplog.text:
+                return n
+    raise AssertionError("the disk never filled")
+
+
+@contextlib.contextmanager
+def small_tmpfs(tmp_path, size="64k"):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_on_a_real_full_filesystem_every_line_stays_whole_json_and_writing_resumes_after(tmp_path, caplog):
+    with small_tmpfs(tmp_path) as mount:
+        filler = mount / "filler"
+        filler.write_bytes(b"f" * 16384)
+        path = mount / "events.jsonl"
+        writer = JsonLinesWriter(str(path), max_bytes=0)
+        refused = fill_until_refused(writer, path, caplog)
+        written = assert_whole_lines(path)
+        assert written == [str(n) for n in range(refused)]  # each whole, none glued, none lost before the full disk
+        filler.unlink()  # space again
+        with caplog.at_level(logging.WARNING, logger="loopwatch"):
+            writer(block(99_999))
+        assert assert_whole_lines(path) == [*written, "99999"]
+        assert "writes events to" in caplog.text
+
+
+FSIZE_CHILD = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit is cut short (then EFBIG), as on a full disk
+from loopwatch._events import JsonLinesWriter
+sys.path.insert(0, sys.argv[2])
+from test_hardening import block
+limit = int(sys.argv[3])
+hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+writer = JsonLinesWriter(sys.argv[1], max_bytes=0)
+for n in range(40):
+    writer(block(n))
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit * 4, hard))  # room again
+writer(block(99999))
+"""
+
+
+def test_a_write_cut_short_by_the_file_size_limit_is_truncated_back_to_the_last_whole_line(tmp_path):
+    path = tmp_path / "events.jsonl"
+    line = len(json.dumps(block(0).to_dict(), separators=(",", ":"))) + 1
+    limit = line * 5 + line // 2  # the sixth event is cut in the middle
+    subprocess.run([sys.executable, "-c", FSIZE_CHILD, str(path), str(Path(__file__).parent), str(limit)],
+                   check=True, timeout=60, capture_output=True)
+    assert assert_whole_lines(path) == ["0", "1", "2", "3", "4", "99999"]
+
+
+def test_a_half_line_left_at_the_end_of_the_file_is_cut_before_the_next_event(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_text(json.dumps({"request_id": "old"}) + "\n" + '{"request_id": "half')
+    JsonLinesWriter(str(path))(block(1))
+    assert assert_whole_lines(path) == ["old", "1"]
+
+
+# -- 4. rotation -----------------------------------------------------------------------------------------
+
+
+def test_the_events_file_rotates_past_its_size_and_keeps_the_backups_asked_for(tmp_path):
+    path = tmp_path / "events.jsonl"
+    line = len(json.dumps(block(0).to_dict(), separators=(",", ":"))) + 1
+    writer = JsonLinesWriter(str(path), max_bytes=line * 4, backups=2)
+    for n in range(30):
+        writer(block(n))
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["events.jsonl", "events.jsonl.1", "events.jsonl.2"]
+    kept = [assert_whole_lines(tmp_path / name) for name in ("events.jsonl.2", "events.jsonl.1", "events.jsonl")]
+    assert all(0 < (tmp_path / name).stat().st_size <= line * 4 for name in files)
+    assert sum(kept, []) == [str(n) for n in range(30 - len(sum(kept, [])), 30)]  # the newest, in order
+
+
+def test_with_no_backups_the_full_events_file_starts_over(tmp_path):
+    path = tmp_path / "events.jsonl"
+    line = len(json.dumps(block(0).to_dict(), separators=(",", ":"))) + 1
+    writer = JsonLinesWriter(str(path), max_bytes=line * 3, backups=0)
+    for n in range(10):
+        writer(block(n))
+    assert [p.name for p in tmp_path.iterdir()] == ["events.jsonl"]
+    assert assert_whole_lines(path) == ["9"]
+
+
+def test_external_rotation_by_rename_or_delete_starts_a_new_file(tmp_path):
+    path = tmp_path / "events.jsonl"
+    writer = JsonLinesWriter(str(path))
+    writer(block(1))
+    path.rename(tmp_path / "events.jsonl.old")  # logrotate
+    writer(block(2))
+    path.unlink()
+    writer(block(3))
+    assert assert_whole_lines(tmp_path / "events.jsonl.old") == ["1"]
+    assert assert_whole_lines(path) == ["3"]
+
+
+def test_rotation_options_are_checked_and_offered_on_the_command_line():
+    from loopwatch._options import Options, OptionError
+    from loopwatch.cli import build_parser
+
+    defaults = Options()
+    assert defaults.events_max_bytes == 50_000_000 and defaults.events_backups == 3
+    for bad in ({"events_max_bytes": -1}, {"events_backups": 1.5}, {"events_max_bytes": True}):
+        with pytest.raises(OptionError):
+            Options.build(**bad)
+    args = build_parser().parse_args(["run", "x.py", "--events-max-bytes", "10MiB", "--events-backups", "0"])
+    assert (args.events_max_bytes, args.events_backups) == (10 * 1024 * 1024, 0)
+
+
+# -- 5. relative paths, resolved once --------------------------------------------------------------------
+
+
+async def test_relative_events_and_state_paths_are_resolved_once_when_watching_starts(anyio_backend, tmp_path,
+                                                                                     monkeypatch):
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    home.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(home)
+    server = fresh("inventory_server", "mcp")
+    handle = loopwatch.instrument(server, threshold=0.1, log_blocks=False, traces=False,
+                                  events="events.jsonl", offload_state="state.json")
+    monkeypatch.chdir(elsewhere)  # as a server may, after start-up
+    async with Client(server) as client:
+        await client.call_tool("lookup", {"sku": "A"})
+        await handle.monitor.settle()
+    handle.uninstrument()
+    assert list(elsewhere.iterdir()) == []
+    assert '"tool":"lookup"' in (home / "events.jsonl").read_text()
+    assert "lookup" in json.loads((home / "state.json").read_text())["offloaded"]

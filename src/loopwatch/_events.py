@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import os
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -184,22 +188,50 @@ class Listeners:
                 self.remove(listener)
 
 
-class JsonLinesWriter:
-    """Append each event as one JSON object per line. A write that fails is reported once, never raised."""
+EVENTS_MAX_BYTES = 50_000_000
+"""Default size at which the events file is rotated (about 18,000 block events)."""
+EVENTS_BACKUPS = 3
+"""Default rotated files kept beside it: `events.jsonl.1` (newest) to `events.jsonl.3`."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+
+class JsonLinesWriter:
+    """Append each event as one JSON object per line. A write that fails is reported once, never raised.
+
+    Every line in the file is whole JSON: an event is one `write`, and a write the disk cuts short is
+    truncated back to the last whole line (the next event would otherwise be glued onto the half). The
+    file is opened for each event, so renaming or deleting it (logrotate) just starts a new one; past
+    `max_bytes` (0: no limit) it is rotated to `path.1` ... `path.N`, N = `backups` (0: it starts over).
+    """
+
+    def __init__(self, path: str, max_bytes: int = EVENTS_MAX_BYTES, backups: int = EVENTS_BACKUPS) -> None:
+        self.path = os.path.abspath(path)  # once, now: the server may chdir() later
+        self.max_bytes = max_bytes
+        self.backups = backups
         self._failed = False
         self._lock = threading.Lock()
-        with open(path, "a", encoding="utf-8"):
-            pass  # fail now, with a clear error, if the file can't be opened at all
+        try:  # fail now, with a clear error, if the file can't be opened at all
+            fd = self._open()
+            try:
+                os.lseek(fd, 0, os.SEEK_END)  # refuses what is no file to append to (/proc/version)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            refused = OSError(f"--events {path}: cannot append events to it: {exc.strerror or exc}")
+            refused.errno = exc.errno
+            raise refused from None
+
+    def _open(self) -> int:
+        flags = os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        try:
+            return os.open(self.path, flags | os.O_RDWR, 0o600)  # read too: to find the last whole line
+        except PermissionError:
+            return os.open(self.path, flags | os.O_WRONLY, 0o600)
 
     def __call__(self, event: Event) -> None:
-        line = json.dumps(event.to_dict(), separators=(",", ":")) + "\n"
+        line = (json.dumps(event.to_dict(), separators=(",", ":")) + "\n").encode("utf-8", "surrogatepass")
         with self._lock:
             try:
-                with open(self.path, "a", encoding="utf-8") as out:
-                    out.write(line)
+                self._append(line)
             except OSError as exc:
                 if not self._failed:
                     logger.error("loopwatch cannot write events to %s: %s (further failures are silent)",
@@ -209,6 +241,76 @@ class JsonLinesWriter:
             if self._failed:
                 logger.warning("loopwatch writes events to %s again", self.path)
             self._failed = False
+
+    def _append(self, line: bytes) -> None:
+        fd = self._open()
+        try:
+            end = self._whole_end(fd)
+            if self.max_bytes and end and end + len(line) > self.max_bytes:
+                os.close(fd)
+                fd = -1
+                self._rotate()
+                fd = self._open()
+                end = 0
+            try:
+                written = os.write(fd, line)
+            except OSError:
+                _truncate(fd, end)
+                raise
+            if written != len(line):
+                _truncate(fd, end)
+                raise OSError(errno.ENOSPC, f"only {written} of {len(line)} bytes written (disk full?)")
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    @staticmethod
+    def _whole_end(fd: int) -> int:
+        """The file's size, after cutting a half line left at its end (a crash, another writer, an old loopwatch)."""
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
+            return 0
+        size = info.st_size
+        try:
+            if os.pread(fd, 1, size - 1) == b"\n":
+                return size
+            end = _last_newline_end(fd, size)
+        except OSError:  # opened write-only (a file the user may write but not read): trust it
+            return size
+        _truncate(fd, end)
+        return end
+
+    def _rotate(self) -> None:
+        """`path` -> `path.1` -> ... -> `path.N`; the oldest goes. With no backups the file starts over."""
+        if self.backups == 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            return
+        for index in range(self.backups - 1, 0, -1):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(f"{self.path}.{index}", f"{self.path}.{index + 1}")
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.path, f"{self.path}.1")
+
+
+def _last_newline_end(fd: int, size: int, chunk: int = 65536) -> int:
+    """Offset just past the last newline before `size` (0 when there is none)."""
+    position = size
+    while position > 0:
+        start = max(0, position - chunk)
+        data = os.pread(fd, position - start, start)
+        found = data.rfind(b"\n")
+        if found >= 0:
+            return start + found + 1
+        position = start
+    return 0
+
+
+def _truncate(fd: int, end: int) -> None:
+    """Cut a half-written line off a regular file; on a device (/dev/full) there is nothing to cut."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.ftruncate(fd, end)
 
 
 def log_event(event: Event) -> None:

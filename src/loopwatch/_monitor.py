@@ -104,7 +104,9 @@ class Monitor:
         self.heartbeat: Heartbeat | None = None
         if options.log_blocks:
             self.listeners.add(log_event)
-        self._writer = JsonLinesWriter(options.events) if options.events else None
+        self._writer = None
+        if options.events:
+            self._writer = JsonLinesWriter(options.events, options.events_max_bytes, options.events_backups)
         if self._writer is not None:
             self.listeners.add(self._writer)
 

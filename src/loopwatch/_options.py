@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
+
+from ._events import EVENTS_BACKUPS, EVENTS_MAX_BYTES
 
 OffloadMode = Literal["auto", "off"]
 ToolPolicy = Literal["auto", "never", "always"]
@@ -26,7 +29,11 @@ class Options:
     offload: OffloadMode = "auto"
     """auto: tools caught blocking the loop run their later calls off it."""
     events: str | None = None
-    """Path of a JSON-lines file that receives every event."""
+    """Path of a JSON-lines file that receives every event (a relative path is resolved once, at start)."""
+    events_max_bytes: int = EVENTS_MAX_BYTES
+    """Size past which the events file is rotated to `events.1` ... (0: never rotated by loopwatch)."""
+    events_backups: int = EVENTS_BACKUPS
+    """Rotated events files kept (0: the file starts over when full)."""
     log_blocks: bool = True
     """Write one line per block to the `loopwatch` logger (stderr)."""
     include_arguments: bool = False
@@ -39,6 +46,7 @@ class Options:
     """Blocks within `strike_window` seconds before a tool is moved off the loop."""
     strike_window: float = 600.0
     offload_state: str | None = None
+    """Path of the file that remembers offloaded tools across restarts (relative: resolved once, at start)."""
     offload_workers: int = 4
     """Worker loops (threads) for offloaded tools."""
     offload_max_calls: int = 64
@@ -77,6 +85,12 @@ class Options:
         for tool, policy in self.tool_policies.items():
             if policy not in ("auto", "never", "always"):
                 raise OptionError(f"policy for tool {tool!r} must be auto, never or always, not {policy!r}")
+        for name in ("events_max_bytes", "events_backups"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise OptionError(f"{name} must be an integer of 0 or more, not {value!r}")
+        for name in ("events", "offload_state"):
+            _resolve_path(self, name)
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise OptionError(f"metrics_port must be 0-65535, not {self.metrics_port!r}")
 
@@ -89,6 +103,60 @@ class Options:
         return replace(cls(), **options) if options else cls()
 
 
+def _resolve_path(options: Options, name: str) -> None:
+    """A relative path means the directory loopwatch started in, not wherever the server chdir()s to later."""
+    value = getattr(options, name)
+    if value is None or value == "":  # unset (an empty LOOPWATCH_EVENTS, say)
+        object.__setattr__(options, name, None)
+        return
+    path = os.fspath(value) if isinstance(value, str | os.PathLike) else None
+    if not isinstance(path, str):
+        raise OptionError(f"{name} must be a file path, not {value!r}")
+    object.__setattr__(options, name, os.path.abspath(path))
+
+
 def _positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
         raise OptionError(f"{name} must be a positive number of seconds, not {value!r}")
+
+
+# -- command-line options defined here (cli.py adds them to `loopwatch run`) -------------------------------
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+          "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def byte_size(text: str) -> int:
+    """`50MB`, `64MiB`, `1000000`, `0` (no limit)."""
+    import argparse
+
+    number = text.strip().rstrip("bBiIkKmMgG")
+    unit = text.strip()[len(number):].lower()
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (bytes, or 50MB, 64MiB)") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"size must be 0 or more, not {text}")
+    return int(value)
+
+
+def count(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+CLI_OPTIONS: list[tuple[str, tuple[str, ...], dict[str, Any]]] = [
+    ("events_max_bytes", ("--events-max-bytes",), {"type": byte_size, "default": EVENTS_MAX_BYTES, "metavar": "SIZE",
+                                                   "help": "rotate the events file past this size; 0: never"}),
+    ("events_backups", ("--events-backups",), {"type": count, "default": EVENTS_BACKUPS, "metavar": "N",
+                                               "help": "rotated events files kept (events.1 ... events.N)"}),
+]
+"""name, flags, argparse keyword arguments, as cli.RUN_OPTIONS: each also read from LOOPWATCH_<NAME>."""

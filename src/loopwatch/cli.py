@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
+from ._options import CLI_OPTIONS
 
 logger = logging.getLogger("loopwatch")
 
@@ -99,6 +100,7 @@ RUN_OPTIONS: list[tuple[str, tuple[str, ...], dict[str, Any]]] = [
     ("metrics_port", ("--metrics-port",), {"type": _port, "help": "serve Prometheus /metrics on this port"}),
     ("metrics_host", ("--metrics-host",), {"default": "127.0.0.1", "help": "interface for --metrics-port"}),
     ("metrics_path", ("--metrics-path",), {"metavar": "PATH", "help": "route on the HTTP app: /metrics"}),
+    *CLI_OPTIONS,
 ]
 
 
@@ -182,6 +184,7 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
         "metrics_port": args.metrics_port,
         "metrics_host": args.metrics_host,
         "metrics_path": args.metrics_path,
+        **{name: getattr(args, name) for name, _, _ in CLI_OPTIONS},
     }
 
 

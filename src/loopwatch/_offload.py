@@ -512,30 +512,40 @@ class Offloader:
     # state file
     def _load_state(self) -> None:
         path = self.options.offload_state
-        if not path or not os.path.exists(path):
+        if not path:
+            return
+        folder = os.path.dirname(path)
+        if not os.path.isdir(folder):  # refused at start, as --events is: a state never saved is a silent loss
+            from ._options import OptionError
+
+            raise OptionError(f"--offload-state {path}: the folder {folder} does not exist")
+        if not os.path.exists(path):
             return
         try:
             with open(path, encoding="utf-8") as file:
-                state = json.load(file)
-            tools = state.get("offloaded", {})
-        except (OSError, ValueError, AttributeError) as exc:
-            logger.error("loopwatch: cannot read offload state %s: %s (starting fresh)", path, exc)
+                tools = _state_tools(json.load(file))
+        except (OSError, ValueError) as exc:
+            logger.error("loopwatch: cannot read offload state %s: %s (starting fresh)", path, _one_line(exc))
             return
         for tool, reason in tools.items():
             if self.policies.get(tool) != "never":
-                self._offload(tool, f"learned earlier: {reason}", blocks=0)
+                self._offload(tool, f"{LEARNED}{reason}", blocks=0)
 
     def _save_state(self) -> None:
         path = self.options.offload_state
         if not path:
             return
         data = json.dumps({"offloaded": dict(self.offloaded), "pinned": dict(self.pinned)}, indent=1)
+        tmp = None
         try:
-            folder = os.path.dirname(os.path.abspath(path))
-            with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, encoding="utf-8") as tmp:
+            with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), prefix=".loopwatch-state-",
+                                             delete=False, encoding="utf-8") as tmp:
                 tmp.write(data)
             os.replace(tmp.name, path)
         except OSError as exc:
+            if tmp is not None:  # a full disk or a directory where the file should be: no temp file left behind
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp.name)
             logger.error("loopwatch: cannot write offload state %s: %s", path, exc)
 
     def snapshot(self) -> dict[str, Any]:
@@ -585,3 +595,26 @@ def _unbridge_kw(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def install(handle: Any) -> Offloader:
     return Offloader(handle).install()
+
+
+LEARNED = "learned earlier: "
+
+
+def _state_tools(state: Any) -> dict[str, str]:
+    """The offloaded tools a state file lists: `{"offloaded": {tool: reason}}`; anything else is refused."""
+    tools = state.get("offloaded", {}) if isinstance(state, dict) else None
+    if not isinstance(tools, dict) or not all(isinstance(tool, str) for tool in tools):
+        raise ValueError('expected {"offloaded": {"tool": "reason", ...}}')
+    return {tool: _first_reason(reason) for tool, reason in tools.items()}
+
+
+def _first_reason(reason: Any) -> str:
+    """The reason a tool was first moved: without the prefixes older versions added on every restart."""
+    text = reason if isinstance(reason, str) else ""
+    while text.startswith(LEARNED):
+        text = text[len(LEARNED):]
+    return text
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]

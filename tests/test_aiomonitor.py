@@ -460,7 +460,7 @@ def test_a_console_port_without_room_for_the_web_ui_and_repl_is_refused(port):
 def test_the_command_line_flags_reach_the_options():
     args = build_parser().parse_args(
         ["run", "server.py", "--monitor", "--monitor-port", "20201", "--monitor-console",
-         "--monitor-host", "10.0.0.5", "--allow-remote-monitor"]
+         "--monitor-host", "10.0.0.5", "--allow-remote-monitor", "--monitor-webui"]
     )  # fmt: skip
     options = run_options(args)
     assert {k: v for k, v in options.items() if k.startswith("monitor")} == {
@@ -469,6 +469,7 @@ def test_the_command_line_flags_reach_the_options():
         "monitor_port": 20201,
         "monitor_console": True,
         "monitor_allow_remote": True,
+        "monitor_webui": True,
     }
     defaults = run_options(build_parser().parse_args(["run", "server.py"]))
     assert (defaults["monitor"], defaults["monitor_host"], defaults["monitor_console"]) == (

@@ -5,6 +5,7 @@ Each test here failed on the code before the fix it checks.
 """
 
 import contextlib
+import functools
 import json
 import logging
 import subprocess
@@ -335,3 +336,77 @@ def test_the_reason_a_tool_was_learned_does_not_grow_with_each_restart(tmp_path)
         assert handle.offload.offloaded == {"lookup": "learned earlier: blocked 300 ms"}
         handle.uninstrument()
     assert json.loads(state.read_text())["offloaded"] == {"lookup": "learned earlier: blocked 300 ms"}
+
+
+# -- 10. aiomonitor's web UI -----------------------------------------------------------------------------
+
+
+def listening(port):
+    """Whether anything accepts connections on 127.0.0.1:`port`."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.settimeout(5)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def console_running(webui, **options):
+    from helpers import free_port
+
+    port = free_port(3)
+    server = fresh("inventory_server", "mcp")
+    handle = loopwatch.instrument(server, log_blocks=False, traces=False, monitor=True, monitor_port=port,
+                                  monitor_webui=webui, **options)
+    return server, handle, port
+
+
+def http(port, method, path, headers):
+    """A real HTTP request carrying the Host (and Origin) given: the status code of the answer."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request(method, path, body=b"{}" if method != "GET" else None, headers=headers)
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+@pytest.mark.filterwarnings("ignore:It is recommended to use web.AppKey")  # aiomonitor's own web UI
+async def test_the_console_serves_no_web_ui_unless_asked_for(anyio_backend):
+    server, handle, port = await console_running(webui=False)
+    try:
+        async with Client(server) as client:
+            console = next(e for e in handle.extensions if type(e).__name__ == "ConsoleIntegration").console
+            assert await anyio.to_thread.run_sync(console.wait_started, 30)
+            assert (await client.call_tool("ping", {"n": 1})).structured_content == {"result": 1}
+            assert listening(port) and not listening(port + 1)
+    finally:
+        handle.uninstrument()
+
+
+@pytest.mark.filterwarnings("ignore:It is recommended to use web.AppKey")
+async def test_the_web_ui_when_asked_for_refuses_a_foreign_host_or_origin(anyio_backend):
+    server, handle, port = await console_running(webui=True)
+    web = port + 1
+    try:
+        async with Client(server) as client:
+            console = next(e for e in handle.extensions if type(e).__name__ == "ConsoleIntegration").console
+            assert await anyio.to_thread.run_sync(console.wait_started, 30)
+            ask = functools.partial(anyio.to_thread.run_sync, http)
+            assert await ask(web, "GET", "/api/version", {"Host": f"127.0.0.1:{web}"}) == 200
+            assert await ask(web, "GET", "/", {"Host": f"rebound.example:{web}"}) == 421  # a DNS-rebinding page
+            assert await ask(web, "DELETE", "/api/task", {"Host": f"rebound.example:{web}"}) == 421
+            assert await ask(web, "POST", "/api/live-tasks",
+                             {"Host": f"127.0.0.1:{web}", "Origin": "http://rebound.example"}) == 403
+            assert (await client.call_tool("ping", {"n": 2})).structured_content == {"result": 2}
+    finally:
+        handle.uninstrument()
+
+
+def test_the_web_ui_option_is_offered_on_the_command_line():
+    from loopwatch.cli import build_parser, run_options
+
+    assert loopwatch.Options().monitor_webui is False
+    assert run_options(build_parser().parse_args(["run", "x.py"]))["monitor_webui"] is False
+    assert run_options(build_parser().parse_args(["run", "x.py", "--monitor-webui"]))["monitor_webui"] is True

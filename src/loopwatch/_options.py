@@ -66,6 +66,8 @@ class Options:
     monitor_port: int = 20101
     monitor_console: bool = False
     monitor_allow_remote: bool = False
+    monitor_webui: bool = False
+    """aiomonitor's web UI on `monitor_port + 1` (it can cancel tasks; off unless asked for)."""
 
     def __post_init__(self) -> None:
         _positive("threshold", self.threshold)
@@ -141,6 +143,17 @@ def byte_size(text: str) -> int:
     return int(value)
 
 
+def _flag(text: str) -> bool:
+    import argparse
+
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a yes/no value")
+
+
 def count(text: str) -> int:
     import argparse
 
@@ -154,6 +167,8 @@ def count(text: str) -> int:
 
 
 CLI_OPTIONS: list[tuple[str, tuple[str, ...], dict[str, Any]]] = [
+    ("monitor_webui", ("--monitor-webui",), {"type": _flag, "nargs": "?", "const": True, "default": False,
+                                             "metavar": "yes|no", "help": "aiomonitor's web UI on port +1"}),
     ("events_max_bytes", ("--events-max-bytes",), {"type": byte_size, "default": EVENTS_MAX_BYTES, "metavar": "SIZE",
                                                    "help": "rotate the events file past this size; 0: never"}),
     ("events_backups", ("--events-backups",), {"type": count, "default": EVENTS_BACKUPS, "metavar": "N",

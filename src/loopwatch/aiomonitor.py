@@ -67,7 +67,7 @@ def check_options(options: Options) -> str | None:
             "anyone who reaches it can inspect the server and cancel its tasks. "
             "Pass monitor_allow_remote=True (--allow-remote-monitor) to serve it there anyway"
         )
-    reach = f"{host}:{port} (web UI {port + WEBUI_OFFSET})"
+    reach = f"{host}:{port}" + (f" (web UI {port + WEBUI_OFFSET})" if options.monitor_webui else "")
     warning = (
         f"the aiomonitor console listens on {reach} with no authentication: "
         "anyone who reaches it can read stacks and cancel tasks"
@@ -131,9 +131,11 @@ def _monitor_class() -> type:
     import aiomonitor
 
     class LoopwatchAiomonitor(aiomonitor.Monitor):  # type: ignore[misc]
-        """aiomonitor's Monitor, except that a UI thread failing at start-up says so instead of hanging."""
+        """aiomonitor's Monitor, except that a UI thread failing at start-up says so instead of hanging, and its
+        web UI runs only when asked for (`webui`), behind a check of the Host and Origin headers."""
 
         failure: BaseException | None = None
+        webui = False
 
         def _ui_main(self) -> None:
             try:
@@ -144,7 +146,84 @@ def _monitor_class() -> type:
                 self.failure = exc
                 self._ui_started.set()
 
+        async def _ui_main_async(self) -> None:
+            """aiomonitor 0.7's UI thread main, with the web UI optional and guarded."""
+            import asyncio
+            import contextlib
+
+            import janus
+            from aiomonitor.monitor import TelnetServer, interact
+
+            loop = asyncio.get_running_loop()
+            self._termination_info_queue = janus.Queue()
+            self._cancellation_chain_queue = janus.Queue()
+            self._ui_loop = loop
+            self._ui_forever_future = loop.create_future()
+            self._ui_termination_handler_task = loop.create_task(self._ui_handle_termination_updates())
+            self._ui_cancellation_handler_task = loop.create_task(self._ui_handle_cancellation_updates())
+            telnet_server = TelnetServer(interact=functools.partial(interact, self), host=self._host,
+                                         port=self._termui_port)
+            webui_runner = await self._start_webui() if self.webui else None
+            telnet_server.start()
+            await asyncio.sleep(0)
+            self._ui_started.set()
+            try:
+                await self._ui_forever_future
+            except asyncio.CancelledError:
+                pass
+            finally:
+                termui_tasks = {*self._termui_tasks}
+                for termui_task in termui_tasks:
+                    termui_task.cancel()
+                await asyncio.gather(*termui_tasks, return_exceptions=True)
+                for task in (self._ui_termination_handler_task, self._ui_cancellation_handler_task):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                await telnet_server.stop()
+                if webui_runner is not None:
+                    await webui_runner.cleanup()
+
+        async def _start_webui(self) -> Any:
+            from aiohttp import web
+            from aiomonitor.webui.app import init_webui
+
+            app = await init_webui(self)
+            app.middlewares.append(_host_guard(str(self._host), self._webui_port))
+            runner = web.AppRunner(app)
+            await runner.setup()
+            await web.TCPSite(runner, str(self._host), self._webui_port, reuse_port=True).start()
+            return runner
+
     return LoopwatchAiomonitor
+
+
+def allowed_hosts(host: str, port: int) -> frozenset[str] | None:
+    """The Host header values a web UI bound to `host` accepts (None: any, for a wildcard bind)."""
+    if host in ("0.0.0.0", "::", ""):
+        return None
+    name = f"[{host}]" if ":" in host else host
+    return frozenset({name.lower(), f"{name}:{port}".lower()})
+
+
+def _host_guard(host: str, port: int) -> Any:
+    """Refuse requests for another Host (a DNS-rebinding page: 421) or from another Origin (403), as the MCP
+    SDK's own transports do: a browser tab on any web site could otherwise list the tasks and cancel them."""
+    from aiohttp import web
+
+    hosts = allowed_hosts(host, port)
+
+    @web.middleware
+    async def guard(request: Any, handler: Any) -> Any:
+        if hosts is not None:
+            if request.headers.get("Host", "").lower() not in hosts:
+                return web.Response(status=421, text="Invalid Host header")
+            origin = request.headers.get("Origin")
+            if origin is not None and origin.lower().removeprefix("http://") not in hosts:
+                return web.Response(status=403, text="Invalid Origin header")
+        return await handler(request)
+
+    return guard
 
 
 def _check_free(host: str, port: int) -> None:
@@ -167,6 +246,7 @@ class _Console:
         self.loop, self.loop_thread_id, self.locals = loop, loop_thread_id, locals
         self.host, self.port = options.monitor_host, options.monitor_port
         self.repl = options.monitor_console
+        self.webui = options.monitor_webui
         self.started = threading.Event()
         self.closing = threading.Event()
         self.closed = threading.Event()
@@ -195,7 +275,8 @@ class _Console:
             self.aiomonitor = self._open()
             host, port = self.host, self.port
             attach = f"python -m aiomonitor.cli -H {host} -p {port}"
-            logger.info("aiomonitor console on %s:%d (web UI +1): attach with `%s`", host, port, attach)
+            webui = f" (web UI on port {port + WEBUI_OFFSET})" if self.webui else ""
+            logger.info("aiomonitor console on %s:%d%s: attach with `%s`", host, port, webui, attach)
         except Exception as exc:
             self.error = exc
             self.closed.set()
@@ -204,10 +285,11 @@ class _Console:
             self.started.set()
 
     def _open(self) -> Any:
-        ports = [self.port, self.port + WEBUI_OFFSET] + ([self.port + REPL_OFFSET] if self.repl else [])
+        ports = [self.port] + [self.port + WEBUI_OFFSET] * self.webui + [self.port + REPL_OFFSET] * self.repl
         for port in ports:
             _check_free(self.host, port)
-        monitor = _monitor_class()(
+        monitor_class = _monitor_class()
+        monitor = monitor_class(
             self.loop,
             host=self.host,
             termui_port=self.port,
@@ -216,6 +298,7 @@ class _Console:
             console_enabled=self.repl,
             locals=self.locals,
         )
+        monitor.webui = self.webui
         monitor.start()
         monitor._event_loop_thread_id = self.loop_thread_id  # start() ran here, not on the loop's thread
         if monitor.failure is not None:

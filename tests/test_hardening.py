@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -410,3 +411,30 @@ def test_the_web_ui_option_is_offered_on_the_command_line():
     assert loopwatch.Options().monitor_webui is False
     assert run_options(build_parser().parse_args(["run", "x.py"]))["monitor_webui"] is False
     assert run_options(build_parser().parse_args(["run", "x.py", "--monitor-webui"]))["monitor_webui"] is True
+
+
+# -- 17. the loop thread's CPU counter --------------------------------------------------------------------
+
+
+async def test_the_loop_cpu_counter_counts_from_the_start_of_a_short_watch(anyio_backend):
+    from mcp.server.mcpserver import MCPServer
+    from prometheus_client import CollectorRegistry
+
+    server = MCPServer("short-lived")
+    burned = []
+
+    @server.tool()
+    async def burn() -> str:
+        start = time.thread_time()
+        while time.thread_time() - start < 0.3:  # CPU on the loop thread, right after start-up
+            pass
+        burned.append(time.thread_time() - start)
+        return "done"
+
+    registry = CollectorRegistry()
+    handle = loopwatch.instrument(server, log_blocks=False, traces=False, offload="off", metrics_registry=registry)
+    async with Client(server) as client:
+        await client.call_tool("burn", {})
+    handle.uninstrument()
+    counted = registry.get_sample_value("loopwatch_event_loop_thread_cpu_seconds_total")
+    assert counted is not None and counted >= burned[0] * 0.9, (counted, burned)

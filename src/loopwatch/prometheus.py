@@ -299,6 +299,7 @@ class LoopMetrics:
         self._cpu_thread: int | None = None
         self._cpu_clock: Callable[[], float | None] = lambda: None
         self._cpu_last: float | None = None
+        self._cpu_lock = threading.Lock()  # read at the watch's start and stop (loop thread) and each second (watchdog)
         self._next_sample = 0.0
 
     def observe_lag(self, lag: float) -> None:
@@ -320,17 +321,25 @@ class LoopMetrics:
             self.read_cpu()
             self.read_pool()
 
+    def started(self) -> None:
+        """Watching started (on the loop thread): the CPU counter's baseline is now, not at the first sample a
+        second in (a short-lived server would otherwise count nothing)."""
+        with self._cpu_lock:
+            self._cpu_thread = None
+        self.read_cpu()
+
     def read_cpu(self) -> None:
-        thread_id = self._monitor.loop_thread_id
-        if thread_id != self._cpu_thread:
-            self._cpu_thread, self._cpu_last = thread_id, None
-            self._cpu_clock = thread_cpu_clock(thread_id) if thread_id is not None else (lambda: None)
-        value = self._cpu_clock()
-        if value is None:
-            return
-        if self._cpu_last is not None and value > self._cpu_last:
-            self._metrics.loop_cpu.inc(value - self._cpu_last)
-        self._cpu_last = value
+        with self._cpu_lock:
+            thread_id = self._monitor.loop_thread_id
+            if thread_id != self._cpu_thread:
+                self._cpu_thread, self._cpu_last = thread_id, None
+                self._cpu_clock = thread_cpu_clock(thread_id) if thread_id is not None else (lambda: None)
+            value = self._cpu_clock()
+            if value is None:
+                return
+            if self._cpu_last is not None and value > self._cpu_last:
+                self._metrics.loop_cpu.inc(value - self._cpu_last)
+            self._cpu_last = value
 
     def read_pool(self) -> None:
         """The offload pool, when offload is on: calls running on its worker loops, and its size."""
@@ -342,6 +351,7 @@ class LoopMetrics:
     def stopped(self) -> None:
         """Watching stopped (on the loop thread): no lag is measured now, so the peak is no longer news.
         The window itself belongs to the watchdog thread, which clears it when watching starts again."""
+        self.read_cpu()  # the loop's CPU up to the end of the watch
         self._calls.record()
         self._peak_stale = True
         self._shown_peak = 0.0
@@ -561,6 +571,7 @@ class PrometheusExporter:
         handle.middleware.add_hook(self.calls)
         monitor.lag_observers.append(self.loop.observe_lag)
         monitor.block_hooks.append(self.loop.on_block)
+        monitor.start_hooks.append(self.loop.started)
         monitor.stop_hooks.append(self.loop.stopped)
         monitor.add_listener(self.offload)
         served = FlushFirst(self.exposition, self.flush)
@@ -588,6 +599,7 @@ class PrometheusExporter:
         self.calls.record()
         _discard(monitor.lag_observers, self.loop.observe_lag)
         _discard(monitor.block_hooks, self.loop.on_block)
+        _discard(monitor.start_hooks, self.loop.started)
         _discard(monitor.stop_hooks, self.loop.stopped)
         monitor.remove_listener(self.offload)
         endpoint, self.endpoint = self.endpoint, None

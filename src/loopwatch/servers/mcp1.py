@@ -245,7 +245,8 @@ class LowlevelAdapter(HandlerTable, Adapter):
     def http_app(self, transport: str, host: str) -> Any:
         from .mcp2 import sse_app
 
-        return self.watched_app(streamable_app(self.server) if transport == "streamable-http" else sse_app(self.server))
+        app = streamable_app(self.server) if transport == "streamable-http" else sse_app(self.server, host)
+        return self.watched_app(app)
 
 
 class FastMCP1(HandlerTable, Adapter):

@@ -50,7 +50,7 @@ class LowlevelAdapter(MiddlewareList, Adapter):
     def http_app(self, transport: str, host: str) -> Any:
         if transport == "streamable-http":
             return self.server.streamable_http_app(host=host)
-        return sse_app(self.server)
+        return sse_app(self.server, host)
 
 
 class MCPServerAdapter(MiddlewareList, Adapter):
@@ -130,14 +130,15 @@ class ToolRouter:
         self.routes.clear()
 
 
-def sse_app(server: Any) -> Any:
+def sse_app(server: Any, host: str = "127.0.0.1") -> Any:
     """A Starlette app serving a low-level server over SSE (the SDK gives HTTP only to MCPServer)."""
     from mcp.server.sse import SseServerTransport
     from starlette.applications import Starlette
     from starlette.responses import Response
     from starlette.routing import Mount, Route
 
-    sse = SseServerTransport("/messages/")
+    security = rebinding_protection(host)
+    sse = SseServerTransport("/messages/", security_settings=security) if security else SseServerTransport("/messages/")
 
     async def handle_sse(request: Any) -> Response:
         async with sse.connect_sse(request.scope, request.receive, request._send) as (read, write):
@@ -146,3 +147,18 @@ def sse_app(server: Any) -> Any:
 
     routes = [Route("/sse", endpoint=handle_sse, methods=["GET"]), Mount("/messages/", app=sse.handle_post_message)]
     return Starlette(routes=routes)
+
+
+def rebinding_protection(host: str) -> Any:
+    """The DNS-rebinding protection the SDK's own apps turn on for a loopback host: 421 for a foreign Host."""
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    try:
+        from mcp.server.transport_security import TransportSecuritySettings
+    except ImportError:  # an SDK from before the protection
+        return None
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=["127.0.0.1:*", "localhost:*", "[::1]:*"],
+        allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"],
+    )

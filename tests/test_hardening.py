@@ -438,3 +438,42 @@ async def test_the_loop_cpu_counter_counts_from_the_start_of_a_short_watch(anyio
     handle.uninstrument()
     counted = registry.get_sample_value("loopwatch_event_loop_thread_cpu_seconds_total")
     assert counted is not None and counted >= burned[0] * 0.9, (counted, burned)
+
+
+# -- 6, 13: paths refused at start by `loopwatch run`, with the option and the path named ----------------------
+
+
+def run_refused(capsys, *args):
+    from loopwatch.cli import build_parser, run_command
+
+    from helpers import FIXTURES
+
+    code = run_command(build_parser().parse_args(["run", str(FIXTURES / "inventory_server.py"), *args]))
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    return code, [line for line in captured.err.splitlines() if line.startswith("loopwatch:")]
+
+
+def test_an_events_path_that_is_no_file_is_refused_naming_the_option_and_the_path(capsys):
+    code, [line] = run_refused(capsys, "--events", "/proc/version")
+    assert code == 2 and "--events /proc/version" in line and "Invalid argument" in line, line
+
+
+def test_a_state_file_in_a_missing_folder_is_refused_by_the_command_with_exit_2(capsys, tmp_path):
+    missing = tmp_path / "no-such-folder" / "state.json"
+    code, [line] = run_refused(capsys, "--offload-state", str(missing))
+    assert code == 2 and f"--offload-state {missing}" in line and "does not exist" in line, line
+
+
+# -- 14: a console on ::1 -------------------------------------------------------------------------------------
+
+
+def test_a_console_on_an_ipv6_address_is_refused_at_start_as_the_telnet_console_listens_on_ipv4_only(capsys):
+    from loopwatch._options import OptionError
+
+    server = fresh("inventory_server", "mcp")
+    with pytest.raises(OptionError, match="IPv4 only"):
+        loopwatch.instrument(server, monitor=True, monitor_host="::1")
+    assert loopwatch.mcp.handle_of(server) is None
+    code, [line] = run_refused(capsys, "--monitor", "--monitor-host", "::1")
+    assert code == 2 and "'::1'" in line and "IPv4 only" in line, line

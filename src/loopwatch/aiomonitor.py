@@ -59,6 +59,7 @@ def check_options(options: Options) -> str | None:
         raise OptionError(
             f"monitor_port must be 1-{top} (the web UI and REPL take the next two), not {port!r}"
         )
+    _check_ipv4(host)
     if is_loopback(host):
         return None
     if not options.monitor_allow_remote:
@@ -75,6 +76,18 @@ def check_options(options: Options) -> str | None:
     if options.monitor_console:
         warning += f", and run any Python code in this server through the REPL (port {port + REPL_OFFSET})"
     return warning
+
+
+def _check_ipv4(host: str) -> None:
+    """aiomonitor's telnet console (prompt_toolkit's TelnetServer) listens on IPv4 only: say so at start, not
+    later from the console's thread."""
+    try:
+        socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        raise OptionError(
+            f"monitor_host {host!r}: aiomonitor's telnet console listens on IPv4 only; "
+            "use an IPv4 address (127.0.0.1)"
+        ) from None
 
 
 # -- which servers a console serves ---------------------------------------------------------------
@@ -228,7 +241,7 @@ def _host_guard(host: str, port: int) -> Any:
 
 def _check_free(host: str, port: int) -> None:
     """Fail now, with the port's name, rather than inside aiomonitor's thread where nobody sees it."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:  # IPv4, as the telnet console listens
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))

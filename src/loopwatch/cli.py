@@ -207,15 +207,27 @@ def run_command(args: argparse.Namespace) -> int:
     import anyio
 
     logger.info("watching %s over %s (threshold %.0f ms)", args.target, args.transport, args.threshold * 1000)
+    if args.metrics_path and args.transport == "stdio":
+        logger.warning("--metrics-path %s is ignored under stdio (there is no HTTP app to add it to): "
+                       "use --metrics-port", args.metrics_path)
     try:
         anyio.run(serve, server, args.transport, args.host, args.port, handle.routes)
     except KeyboardInterrupt:
-        return 130
+        raise  # as from the bare server: Python ends the process by the signal itself (a shell sees SIGINT)
     except Exception as exc:
         if args.debug:
             logger.exception("the server failed")
-        print(f"loopwatch: the server failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"loopwatch: the server failed: {failure_text(exc)}", file=sys.stderr)
         return 1
     finally:
         handle.uninstrument()
     return 0
+
+
+def failure_text(exc: BaseException) -> str:
+    """What the server raised, out of the task groups' ExceptionGroups that wrap it on the way up."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(failure_text(inner) for inner in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"

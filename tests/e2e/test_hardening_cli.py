@@ -1,0 +1,125 @@
+"""Hardening (issue 21) as a user of `loopwatch run` meets it: clear one-line errors, the SDK's DNS-rebinding
+protection on every HTTP app, and SIGINT ending the process as it ends the bare server.
+
+Each test here failed on the code before the fix it checks.
+"""
+
+import http.client
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import FIXTURES, free_port
+
+pytestmark = pytest.mark.e2e
+
+LOOPWATCH = [sys.executable, "-m", "loopwatch", "run"]
+INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+    "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}}
+
+
+def run(*args, timeout=60):
+    return subprocess.run([*LOOPWATCH, *args], stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
+                          cwd=str(FIXTURES))
+
+
+def ours(stderr: bytes) -> list[str]:
+    return [line for line in stderr.decode(errors="replace").splitlines() if line.startswith("loopwatch:")]
+
+
+# -- 12: a lifespan that raises ----------------------------------------------------------------------------
+
+
+def test_a_lifespan_that_raises_is_reported_with_its_own_exception():
+    bare = subprocess.run([sys.executable, "raising_lifespan.py"], stdin=subprocess.DEVNULL, capture_output=True,
+                          timeout=60, cwd=str(FIXTURES))
+    assert b"ConnectionRefusedError: cannot reach the database at db:5432" in bare.stderr  # what the bare one shows
+    done = run("raising_lifespan.py")
+    assert done.returncode == bare.returncode == 1 and done.stdout == b""
+    assert ours(done.stderr) == [
+        "loopwatch: the server failed: ConnectionRefusedError: cannot reach the database at db:5432"
+    ]
+
+
+# -- 15: --metrics-path under stdio ------------------------------------------------------------------------
+
+
+def test_a_metrics_path_under_stdio_is_said_to_be_ignored():
+    done = run("inventory_server.py", "--metrics-path", "/metrics")
+    assert done.returncode == 0 and done.stdout == b""
+    warned = [line for line in done.stderr.decode().splitlines() if "--metrics-path" in line]
+    assert len(warned) == 1 and "ignored under stdio" in warned[0], done.stderr
+
+
+# -- 16: SIGINT in the middle of a call --------------------------------------------------------------------
+
+
+def interrupted(command):
+    """Start a call that takes seconds, send SIGINT in the middle of it: (how it ended, stdout after the call)."""
+    proc = subprocess.Popen(command, cwd=str(FIXTURES), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        def send(message):
+            proc.stdin.write(json.dumps(message).encode() + b"\n")
+            proc.stdin.flush()
+
+        send(INITIALIZE)
+        assert json.loads(proc.stdout.readline())["id"] == 1
+        send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        send({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "nap", "arguments": {}}})
+        time.sleep(1.0)  # the call is in flight: it naps five seconds
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode, out, err
+
+
+def test_sigint_in_the_middle_of_a_call_ends_loopwatch_run_by_the_signal_as_it_ends_the_bare_server():
+    bare_code, bare_out, bare_err = interrupted([sys.executable, "sleepy_server.py"])
+    code, out, err = interrupted([*LOOPWATCH, "sleepy_server.py"])
+    assert code == bare_code == -signal.SIGINT  # killed by the signal, not exit(130)
+    assert err.decode().rstrip().endswith("KeyboardInterrupt") and bare_err.decode().rstrip().endswith("KeyboardInterrupt")
+    for stdout in (out, bare_out):  # at most the SDK's shutdown answer to the call in flight, as whole lines
+        assert all(json.loads(line) == {"jsonrpc": "2.0", "id": 2, "error": {
+            "code": -32000, "message": "Connection closed"}} for line in stdout.splitlines()), stdout
+
+
+# -- 11: the low-level Server over SSE ---------------------------------------------------------------------
+
+
+def status(port, method, path, host):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request(method, path, body=b"{}" if method == "POST" else None,
+                           headers={"Host": host, "Content-Type": "application/json"})
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("server", ["low_server.py", "inventory_server.py"])
+def test_over_sse_a_foreign_host_gets_421_from_every_kind_of_server(server):
+    port = free_port()
+    proc = subprocess.Popen([*LOOPWATCH, server, "--transport", "sse", "--port", str(port)], cwd=str(FIXTURES),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                code = status(port, "GET", "/sse", f"rebound.example:{port}")
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+                time.sleep(0.1)
+        assert code == 421  # a DNS-rebinding page, as the SDK's own apps answer it
+        assert status(port, "POST", "/messages/?session_id=0", f"rebound.example:{port}") == 421
+    finally:
+        proc.terminate()
+        proc.wait(15)

@@ -477,3 +477,31 @@ def test_a_console_on_an_ipv6_address_is_refused_at_start_as_the_telnet_console_
     assert loopwatch.mcp.handle_of(server) is None
     code, [line] = run_refused(capsys, "--monitor", "--monitor-host", "::1")
     assert code == 2 and "'::1'" in line and "IPv4 only" in line, line
+
+
+# -- 9. uninstrument() on a running server ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_uninstrument_on_a_running_server_stops_watching_at_once(anyio_backend, tmp_path, caplog):
+    import threading
+
+    server = fresh("inventory_server", "mcp")
+    events = tmp_path / "events.jsonl"
+    handle = loopwatch.instrument(server, threshold=0.05, traces=False, offload="off", events=str(events))
+    with caplog.at_level(logging.WARNING, logger="loopwatch"):
+        async with Client(server) as client:
+            await client.call_tool("lookup", {"sku": "before"})
+            await handle.monitor.settle()
+            assert events.read_text().count('"tool":"lookup"') == 1
+            await anyio.to_thread.run_sync(handle.uninstrument)  # from another thread, as a console or test may
+            assert not handle.monitor.active
+            assert not [t for t in threading.enumerate() if t.name == "loopwatch-watchdog" and t.is_alive()]
+            heartbeat = handle.monitor.heartbeat
+            beats = heartbeat.beat[0]
+            await client.call_tool("lookup", {"sku": "after"})  # blocks the loop 300 ms: nobody is watching
+            await anyio.sleep(0.3)
+            assert heartbeat.beat[0] - beats <= 1  # the sentinel stopped too
+            assert (await client.call_tool("ping", {"n": 4})).structured_content == {"result": 4}
+    assert events.read_text().count('"tool":"lookup"') == 1
+    assert caplog.text.count("loop blocked") == 1

@@ -102,6 +102,7 @@ class Monitor:
         self._watchdog: Watchdog | None = None
         self._timer: StallTimer | None = None
         self.heartbeat: Heartbeat | None = None
+        self._cancel_sentinel: Callable[[], None] | None = None
         if options.log_blocks:
             self.listeners.add(log_event)
         self._writer = None
@@ -134,7 +135,7 @@ class Monitor:
             async with _original_errors(raised), anyio.create_task_group() as tg, AsyncExitStack() as services:
                 self.task_group = tg
                 heartbeat = self._start()
-                await tg.start(run_sentinel, heartbeat, time.monotonic, self._check, self._handoff, loop_cpu_clock())
+                await tg.start(self._run_sentinel, heartbeat)
                 try:
                     for service in list(self.services):
                         await services.enter_async_context(service())
@@ -152,6 +153,24 @@ class Monitor:
             self._stop()
             with self._lock:
                 self._refs -= 1
+
+    async def _run_sentinel(self, heartbeat: Heartbeat, *, task_status: Any) -> None:
+        """The sentinel, in a cancel scope of its own: `stop_watching()` ends it without touching the server."""
+        with anyio.CancelScope() as scope:
+            self._cancel_sentinel = _canceller(scope)
+            await run_sentinel(heartbeat, time.monotonic, self._check, self._handoff, loop_cpu_clock(),
+                               task_status=task_status)
+
+    def stop_watching(self) -> None:
+        """End the watch now, from any thread (`uninstrument()` on a running server): the sentinel and the
+        watchdog stop, nothing more is reported; the server itself runs on."""
+        cancel, self._cancel_sentinel = self._cancel_sentinel, None
+        if cancel is not None:
+            try:
+                cancel()
+            except RuntimeError:  # the loop has closed: the sentinel went with it
+                pass
+        self._stop()
 
     @property
     def watchdog_steps(self) -> int:
@@ -229,8 +248,9 @@ class Monitor:
         self._watchdog.start()
 
     def _stop(self) -> None:
-        watchdog, self._watchdog = self._watchdog, None
-        timer, self._timer = self._timer, None
+        with self._lock:  # the loop's exit and `stop_watching()` from another thread: one of them stops it
+            watchdog, self._watchdog = self._watchdog, None
+            timer, self._timer = self._timer, None
         if watchdog is not None:
             watchdog.stop()
             GC_CLOCK.release()
@@ -333,6 +353,20 @@ async def _original_errors(raised: list[BaseException]) -> AsyncIterator[None]:
         if target is None or inner is not target:
             raise
         raise target from target.__cause__
+
+
+def _canceller(scope: anyio.CancelScope) -> Callable[[], None]:
+    """Cancel `scope` from any thread: directly on the loop's own thread, else through the loop."""
+    thread = threading.get_ident()
+    try:
+        loop = asyncio.get_running_loop()
+        later: Callable[[], None] = lambda: loop.call_soon_threadsafe(scope.cancel)  # noqa: E731
+    except RuntimeError:  # trio
+        import trio
+
+        token = trio.lowlevel.current_trio_token()
+        later = lambda: token.run_sync_soon(scope.cancel)  # noqa: E731
+    return lambda: scope.cancel() if threading.get_ident() == thread else later()
 
 
 def _loop_watched() -> Callable[[], bool]:

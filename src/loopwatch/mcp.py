@@ -289,6 +289,7 @@ class Handle:
                 except Exception:  # one failing integration must not keep the others (and their threads) alive
                     logger.exception("loopwatch: closing %r raised; the other integrations still close", extension)
         self.extensions.clear()
+        self.monitor.stop_watching()  # a running server is no longer watched from now on, not from its end
 
 
 @asynccontextmanager

@@ -9,8 +9,8 @@ import functools
 import json
 import logging
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -248,7 +248,7 @@ def test_external_rotation_by_rename_or_delete_starts_a_new_file(tmp_path):
 
 
 def test_rotation_options_are_checked_and_offered_on_the_command_line():
-    from loopwatch._options import Options, OptionError
+    from loopwatch._options import OptionError, Options
     from loopwatch.cli import build_parser
 
     defaults = Options()

@@ -209,6 +209,19 @@ def test_a_half_line_left_at_the_end_of_the_file_is_cut_before_the_next_event(tm
     assert assert_whole_lines(path) == ["old", "1"]
 
 
+def test_a_pipe_is_still_an_events_file_it_appends_to_without_seeking(tmp_path):
+    import os
+
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        JsonLinesWriter(str(fifo))(block(5))
+        assert json.loads(os.read(reader, 65536))["request_id"] == "5"
+    finally:
+        os.close(reader)
+
+
 # -- 4. rotation -----------------------------------------------------------------------------------------
 
 

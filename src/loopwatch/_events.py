@@ -213,6 +213,9 @@ class JsonLinesWriter:
             fd = self._open()
             try:
                 os.lseek(fd, 0, os.SEEK_END)  # refuses what is no file to append to (/proc/version)
+            except OSError as exc:
+                if exc.errno != errno.ESPIPE:  # a pipe or terminal (/dev/stderr) appends without seeking
+                    raise
             finally:
                 os.close(fd)
         except OSError as exc:

@@ -124,3 +124,33 @@ def test_over_sse_a_foreign_host_gets_421_from_every_kind_of_server(server):
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+# -- 2: a hostile request id over a real stdio pipe --------------------------------------------------------
+
+EVIL_ID = "7\n2026-12-01 00:00:00,000 loopwatch WARNING forged line\x1b[2J\x1b]0;owned\x07" + "x" * 1_000_000
+
+
+def test_a_hostile_request_id_over_stdio_is_answered_as_sent_and_reported_cut_and_escaped(tmp_path):
+    events, errors = tmp_path / "events.jsonl", tmp_path / "stderr.txt"
+    with open(errors, "wb") as stderr:
+        proc = subprocess.Popen([*LOOPWATCH, "inventory_server.py", "--events", str(events), "--offload", "off"],
+                                cwd=str(FIXTURES), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
+        try:
+            call = {"jsonrpc": "2.0", "id": EVIL_ID, "method": "tools/call",
+                    "params": {"name": "lookup", "arguments": {"sku": "E"}}}
+            lines = [INITIALIZE, {"jsonrpc": "2.0", "method": "notifications/initialized"}, call]
+            out, _ = proc.communicate(b"".join(json.dumps(m).encode() + b"\n" for m in lines), timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    answers = [json.loads(line) for line in out.splitlines()]
+    assert [a["id"] for a in answers] == [1, EVIL_ID] and "result" in answers[1]  # the client's id, untouched
+    text = errors.read_bytes()
+    assert b"\x1b" not in text and b"\x07" not in text
+    assert not [line for line in text.splitlines() if line.startswith(b"2026-12-01 00:00:00,000")]  # no forged line
+    assert max(map(len, text.splitlines())) < 4096
+    [event] = [json.loads(line) for line in events.read_text().splitlines()]
+    assert event["tool"] == "lookup" and event["request_id"].startswith("7\\x0a2026-12-01")
+    assert len(event["request_id"]) <= 4 * 200

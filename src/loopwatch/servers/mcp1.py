@@ -293,7 +293,8 @@ def streamable_app(server: Any) -> Any:
 
 
 def _read_request_frame(frame: Any) -> Any:
-    from .._blame import TOOL_NAME_MAX, CallRecord
+    from .._blame import CallRecord
+    from .._events import report_text
 
     try:
         local = frame.f_locals
@@ -304,7 +305,7 @@ def _read_request_frame(frame: Any) -> Any:
     if not isinstance(method, str):
         return None
     name = getattr(getattr(req, "params", None), "name", None) if method == "tools/call" else None
-    tool = name[:TOOL_NAME_MAX] if isinstance(name, str) else None
+    tool = report_text(name) if isinstance(name, str) else None  # cut and escaped, as every client-chosen string
     return CallRecord(method, tool, getattr(message, "request_id", None), None)
 
 

@@ -481,15 +481,37 @@ def test_a_state_file_in_a_missing_folder_is_refused_by_the_command_with_exit_2(
 # -- 14: a console on ::1 -------------------------------------------------------------------------------------
 
 
-def test_a_console_on_an_ipv6_address_is_refused_at_start_as_the_telnet_console_listens_on_ipv4_only(capsys):
-    from loopwatch._options import OptionError
+def ipv6_loopback():
+    import socket
 
-    server = fresh("inventory_server", "mcp")
-    with pytest.raises(OptionError, match="IPv4 only"):
-        loopwatch.instrument(server, monitor=True, monitor_host="::1")
-    assert loopwatch.mcp.handle_of(server) is None
-    code, [line] = run_refused(capsys, "--monitor", "--monitor-host", "::1")
-    assert code == 2 and "'::1'" in line and "IPv4 only" in line, line
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+@pytest.mark.parametrize("webui", [False, True])
+@pytest.mark.filterwarnings("ignore:It is recommended to use web.AppKey")
+async def test_a_console_on_the_ipv6_loopback_is_checked_as_ipv6_and_listens_there(anyio_backend, webui):
+    import socket
+
+    server, handle, port = await console_running(webui=webui, monitor_host="::1")
+    try:
+        async with Client(server) as client:
+            console = next(e for e in handle.extensions if type(e).__name__ == "ConsoleIntegration").console
+            assert await anyio.to_thread.run_sync(console.wait_started, 30), console.error
+            assert (await client.call_tool("ping", {"n": 3})).structured_content == {"result": 3}
+            for listener in [port, port + 1] if webui else [port]:
+                with socket.socket(socket.AF_INET6) as probe:
+                    probe.settimeout(5)
+                    assert probe.connect_ex(("::1", listener)) == 0, listener
+                    if listener == port:
+                        assert probe.recv(1)  # the telnet console speaks first (its option negotiation)
+    finally:
+        handle.uninstrument()
 
 
 # -- 9. uninstrument() on a running server ---------------------------------------------------------------------

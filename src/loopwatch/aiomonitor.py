@@ -59,7 +59,6 @@ def check_options(options: Options) -> str | None:
         raise OptionError(
             f"monitor_port must be 1-{top} (the web UI and REPL take the next two), not {port!r}"
         )
-    _check_ipv4(host)
     if is_loopback(host):
         return None
     if not options.monitor_allow_remote:
@@ -76,18 +75,6 @@ def check_options(options: Options) -> str | None:
     if options.monitor_console:
         warning += f", and run any Python code in this server through the REPL (port {port + REPL_OFFSET})"
     return warning
-
-
-def _check_ipv4(host: str) -> None:
-    """aiomonitor's telnet console (prompt_toolkit's TelnetServer) listens on IPv4 only: say so at start, not
-    later from the console's thread."""
-    try:
-        socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
-        raise OptionError(
-            f"monitor_host {host!r}: aiomonitor's telnet console listens on IPv4 only; "
-            "use an IPv4 address (127.0.0.1)"
-        ) from None
 
 
 # -- which servers a console serves ---------------------------------------------------------------
@@ -165,7 +152,7 @@ def _monitor_class() -> type:
             import contextlib
 
             import janus
-            from aiomonitor.monitor import TelnetServer, interact
+            from aiomonitor.monitor import interact
 
             loop = asyncio.get_running_loop()
             self._termination_info_queue = janus.Queue()
@@ -174,8 +161,8 @@ def _monitor_class() -> type:
             self._ui_forever_future = loop.create_future()
             self._ui_termination_handler_task = loop.create_task(self._ui_handle_termination_updates())
             self._ui_cancellation_handler_task = loop.create_task(self._ui_handle_cancellation_updates())
-            telnet_server = TelnetServer(interact=functools.partial(interact, self), host=self._host,
-                                         port=self._termui_port)
+            telnet_server = _telnet_server_class()(interact=functools.partial(interact, self), host=self._host,
+                                                   port=self._termui_port)
             webui_runner = await self._start_webui() if self.webui else None
             telnet_server.start()
             await asyncio.sleep(0)
@@ -241,12 +228,40 @@ def _host_guard(host: str, port: int) -> Any:
 
 def _check_free(host: str, port: int) -> None:
     """Fail now, with the port's name, rather than inside aiomonitor's thread where nobody sees it."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:  # IPv4, as the telnet console listens
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        with _listening_socket(host, port, backlog=0):
+            pass
+    except OSError as exc:
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _listening_socket(host: str, port: int, backlog: int = 4) -> socket.socket:
+    """A socket bound to `host` in that address's own family (an IPv4 socket cannot bind ::1)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        if backlog:
+            sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@functools.cache
+def _telnet_server_class() -> type:
+    from prompt_toolkit.contrib.telnet.server import TelnetServer
+
+    class FamilyTelnetServer(TelnetServer):  # type: ignore[misc]
+        """prompt_toolkit's telnet server, listening in the host's address family (its own is IPv4 only)."""
+
+        @classmethod
+        def _create_socket(cls, host: str, port: int) -> socket.socket:
+            return _listening_socket(host, port)
+
+    return FamilyTelnetServer
 
 
 class _Console:

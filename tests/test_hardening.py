@@ -517,8 +517,9 @@ async def test_a_console_on_the_ipv6_loopback_is_checked_as_ipv6_and_listens_the
 # -- 9. uninstrument() on a running server ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("on_the_loop", [False, True], ids=["from-a-thread", "on-the-loop"])
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
-async def test_uninstrument_on_a_running_server_stops_watching_at_once(anyio_backend, tmp_path, caplog):
+async def test_uninstrument_on_a_running_server_stops_watching_at_once(anyio_backend, tmp_path, caplog, on_the_loop):
     import threading
 
     server = fresh("inventory_server", "mcp")
@@ -529,7 +530,10 @@ async def test_uninstrument_on_a_running_server_stops_watching_at_once(anyio_bac
             await client.call_tool("lookup", {"sku": "before"})
             await handle.monitor.settle()
             assert events.read_text().count('"tool":"lookup"') == 1
-            await anyio.to_thread.run_sync(handle.uninstrument)  # from another thread, as a console or test may
+            if on_the_loop:
+                handle.uninstrument()
+            else:
+                await anyio.to_thread.run_sync(handle.uninstrument)  # as a console or another thread may
             assert not handle.monitor.active
             assert not [t for t in threading.enumerate() if t.name == "loopwatch-watchdog" and t.is_alive()]
             heartbeat = handle.monitor.heartbeat

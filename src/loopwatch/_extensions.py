@@ -31,7 +31,15 @@ def wanted(handle: Any) -> list[str]:
         names.append("otel")
     if o.monitor:
         names.append("aiomonitor")
+    if o.announce and not _announce_off_by_env():
+        names.append("_announce")
     return names
+
+
+def _announce_off_by_env() -> bool:
+    from ._announce import disabled_by_env
+
+    return disabled_by_env()
 
 
 def install_extensions(handle: Any) -> None:

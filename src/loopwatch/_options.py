@@ -68,6 +68,8 @@ class Options:
     monitor_allow_remote: bool = False
     monitor_webui: bool = False
     """aiomonitor's web UI on `monitor_port + 1` (it can cancel tasks; off unless asked for)."""
+    announce: bool = True
+    """Announce the server on a private Unix socket for `loopwatch top` (LOOPWATCH_NO_ANNOUNCE=1 turns it off)."""
 
     def __post_init__(self) -> None:
         _positive("threshold", self.threshold)

@@ -101,6 +101,7 @@ RUN_OPTIONS: list[tuple[str, tuple[str, ...], dict[str, Any]]] = [
     ("metrics_host", ("--metrics-host",), {"default": "127.0.0.1", "help": "interface for --metrics-port"}),
     ("metrics_path", ("--metrics-path",), {"metavar": "PATH", "help": "route on the HTTP app: /metrics"}),
     *CLI_OPTIONS,
+    ("no_announce", ("--no-announce",), {**_SWITCH, "help": "no private socket for `loopwatch top` to find"}),
 ]
 
 
@@ -139,7 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(run)
     demo = sub.add_parser("demo", help="run the bundled example and show what loopwatch finds")
     demo.add_argument("--quick", action="store_true", help="fewer calls")
+    _add_viewer_commands(sub)
     return parser
+
+
+def _add_viewer_commands(sub: Any) -> None:
+    """`top`, `ls` and `report`: readers of the servers' announcements and of events files."""
+    top = sub.add_parser("top", help="every watched server on this machine, live (the `top` extra)")
+    top.add_argument("--once", action="store_true", help="print one plain-text snapshot and exit")
+    top.add_argument("--interval", type=_seconds, default=0.5, help="seconds between looks (default 0.5)")
+    sub.add_parser("ls", help="list the watched servers on this machine")
+    report = sub.add_parser("report", help="blocks per tool, lines to fix, flame graphs")
+    report.add_argument("events", nargs="?", help="an events file (JSON lines, from --events)")
+    report.add_argument("--server", help="a running server instead: its name or pid (see `loopwatch ls`)")
+    report.add_argument("--speedscope", metavar="FILE", help="write the blocked time as a speedscope profile")
+    report.add_argument("--folded", metavar="FILE", help="write folded stacks (flamegraph.pl, inferno)")
+    report.add_argument("--lines", type=_positive_int, default=3, help="lines to fix shown per tool (default 3)")
 
 
 def setup_logging(debug: bool) -> None:
@@ -161,6 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo.driver import run_demo
 
         return run_demo(quick=args.quick)
+    if args.command in ("top", "ls", "report"):
+        from ._viewers import run_viewer
+
+        return run_viewer(args)
     return run_command(args)
 
 
@@ -185,6 +205,7 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
         "metrics_host": args.metrics_host,
         "metrics_path": args.metrics_path,
         **{name: getattr(args, name) for name, _, _ in CLI_OPTIONS},
+        "announce": not args.no_announce,
     }
 
 
@@ -199,6 +220,7 @@ def run_command(args: argparse.Namespace) -> int:
 
         configure_from_env(service_name=getattr(server, "name", None))
         handle = instrument(server, **run_options(args))
+        handle.transport = args.transport
     except (TargetError, OptionError, OSError, ImportError) as exc:  # ImportError: an extra is missing
         if args.debug:
             logger.exception("cannot start")

@@ -233,6 +233,8 @@ class Handle:
         self.extensions: list[Any] = []
         self.routes: list[Any] = []
         """Starlette routes an integration adds to the server's own HTTP app (`loopwatch run`)."""
+        self.transport: str | None = None
+        """How clients reach the server (`stdio`, `streamable-http`, `sse`), when the runner knows: announced."""
 
     @property
     def options(self) -> Options:

@@ -66,7 +66,6 @@ class TopApp(App[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#servers", DataTable).add_columns(*COLUMNS)
         self.refresh_servers()
         self.set_interval(self.interval, self.refresh_servers)
 
@@ -110,7 +109,8 @@ class TopApp(App[None]):
     def _show_table(self, shown: list[Server]) -> None:
         table = self.query_one("#servers", DataTable)
         keep = self.selected
-        table.clear()
+        table.clear(columns=True)  # widths follow the content (a state grows from "ok" to "BLOCKED")
+        table.add_columns(*COLUMNS)
         for server in shown:
             cells: list[Any] = row(server)
             if server.stuck:

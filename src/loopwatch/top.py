@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._announce import Link, clean, is_stale, pid_alive, pid_of, sockets
+from ._announce import Link, clean, is_stale, pid_of, sockets
 from .report import blocks_from_dicts, short_path, source_line, write_profiles
 
 ASK_TIMEOUT = 0.5
@@ -104,8 +104,7 @@ class Poller:
             self.links.pop(path, None)
             self.known.pop(path, None)
             if clean(path):
-                alive = "alive, not listening" if pid_alive(pid_of(path)) else "gone"
-                self.cleaned.append(f"removed a stale announcement: {path} (pid {pid_of(path)}, {alive})")
+                self.cleaned.append(f"removed a stale announcement: {path} (pid {pid_of(path)} no longer listens)")
             return None
         if isinstance(answer, FileNotFoundError):  # stopped between the listing and the look
             return None

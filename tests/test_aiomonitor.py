@@ -282,9 +282,33 @@ async def test_help_lists_every_lw_command_with_what_it_does(anyio_backend):
         aiomonitor = await started_console(handle)
         out = lw(aiomonitor, "help")
         offload_help = lw(aiomonitor, "lw-offload", "--help")
-    for name in ("lw-tools", "lw-blocks", "lw-lag", "lw-where", "lw-offload", "lw-restore"):
+    for name in ("lw-tools", "lw-blocks", "lw-lag", "lw-where", "lw-offload", "lw-restore", "lw-profile"):
         assert name in out
     assert "TOOL" in offload_help and "--server" in offload_help
+
+
+async def test_lw_profile_writes_the_blocks_as_speedscope_and_folded_stacks(anyio_backend, tmp_path):
+    import json
+    from pathlib import Path
+
+    import jsonschema
+
+    gate = Gate()
+    server = make_server(gate=gate)
+    handle = instrument(server)
+    threading.Timer(0.4, gate.opened.set).start()
+    async with Client(server) as client:
+        aiomonitor = await started_console(handle)
+        empty = lw(aiomonitor, "lw-profile", str(tmp_path / "none"))
+        await client.call_tool("stall", {})
+        await handle.monitor.settle()
+        out = lw(aiomonitor, "lw-profile", str(tmp_path / "stalls"))
+    assert "no blocks yet" in empty
+    assert "✓ 1 blocks written" in out and str(tmp_path / "stalls.speedscope.json") in out
+    schema = json.loads((Path(__file__).parent / "speedscope-file-format.schema.json").read_text())
+    jsonschema.validate(json.loads((tmp_path / "stalls.speedscope.json").read_text()), schema)
+    [line] = (tmp_path / "stalls.folded").read_text().splitlines()
+    assert line.startswith("tools/call stall;") and f"stall (tests/test_aiomonitor.py:{line_of('# STALL-CALL')})" in line
 
 
 # -- which server a command is about ---------------------------------------------------------------

@@ -1,7 +1,7 @@
 """An aiomonitor console with loopwatch's commands, answering while the server's loop is blocked.
 
     loopwatch run server.py --monitor            # or: loopwatch.instrument(server, monitor=True)
-    python -m aiomonitor.cli -p 20101            # then: lw-where, lw-blocks, lw-tools, lw-lag
+    python -m aiomonitor.cli -p 20101            # then: lw-where, lw-blocks, lw-tools, lw-lag, lw-profile
 
 aiomonitor serves its telnet UI from a thread and loop of its own. Every `lw-` command reads
 thread-safe data (snapshots, recent events, `sys._current_frames()`) and never waits on the
@@ -701,6 +701,39 @@ def _restore(handles: Sequence[Any], tool: str, server: str | None) -> str:
     return policy_text(handles, tool, "auto", server)
 
 
+def profile_text(handle: Any, prefix: str | None = None) -> str:
+    """Write a server's recent blocks as a speedscope profile and folded stacks, as `loopwatch report` does."""
+    import os
+
+    from ._announce import integration_of
+    from .report import blocks_from_dicts, write_profiles
+
+    announced = integration_of(handle)
+    events = list(announced.log.blocks) if announced is not None else list(handle.monitor.recent)
+    blocks = blocks_from_dicts(e.to_dict() for e in events if isinstance(e, BlockEvent))
+    if not blocks:
+        return "no blocks yet: nothing to draw"
+    name = server_name(handle)
+    base = prefix or f"loopwatch-{''.join(c if c.isalnum() or c in '-_.' else '_' for c in name)}-{os.getpid()}"
+    title = f"{name} (pid {os.getpid()}): blocked loop time"
+    written = write_profiles(blocks, f"{base}.speedscope.json", f"{base}.folded", title)
+    return "\n".join([f"✓ {len(blocks)} blocks written", *written])
+
+
+def _profile(handles: Sequence[Any], prefix: str | None, server: str | None) -> str:
+    """Write the recent blocks as flame graphs.
+
+    PREFIX.speedscope.json (open it at speedscope.app) and PREFIX.folded (flamegraph.pl,
+    inferno), in the server's working directory unless PREFIX has a path; by default
+    loopwatch-NAME-PID. The same files `loopwatch report` writes from an events file.
+    """
+    if server is not None:
+        handles = [h for h in handles if server_name(h) == server]
+        if not handles:
+            return f"✗ no server named {server!r} here"
+    return _per_server(handles, lambda h: profile_text(h, prefix if len(handles) == 1 else None))
+
+
 def answer(aiomonitor: Any, body: Callable[..., str], **arguments: Any) -> str:
     """What a command prints, for the aiomonitor whose monitored loop runs the servers."""
     handles = handles_on(getattr(aiomonitor, "_monitored_loop", None))
@@ -763,4 +796,6 @@ def add_commands() -> None:
     command("lw-where", _where, every_frame)
     command("lw-offload", _offload, tool, server)
     command("lw-restore", _restore, tool, server)
+    prefix = click.argument("prefix", required=False)
+    command("lw-profile", _profile, prefix, server)
     _commands_added = True

@@ -8,7 +8,8 @@ times `calls` sequential tools/call round trips of a no-op async tool. Prints th
 ratios (target <= 1.03) with a 95% bootstrap interval of that median and, for scale, the SDK's own
 OpenTelemetryMiddleware against no middleware. An A/A line (a second bare server against the first) shows
 how far apart two identical configurations land on this machine in this run: differences smaller than its
-spread are noise.
+spread are noise. "announce on vs off" compares the defaults with and without the announcement socket that
+`loopwatch top` reads (its thread starts and stops with each round's session).
 """
 
 from __future__ import annotations
@@ -52,9 +53,11 @@ async def main(rounds: int, calls: int) -> None:
     loopwatch.instrument(core, traces=False, log_blocks=False)
     default = make_server("default")
     loopwatch.instrument(default)
+    quiet = make_server("no-announce")
+    loopwatch.instrument(quiet, announce=False)  # the same defaults without the announcement socket
     no_mw = make_server("no-middleware")
     no_mw.middleware.clear()  # the SDK's OpenTelemetryMiddleware removed, for scale
-    servers = {"bare": bare, "core": core, "default": default, "none": no_mw, "bare-again": bare_again}
+    servers = {"bare": bare, "core": core, "default": default, "quiet": quiet, "none": no_mw, "bare-again": bare_again}
     for server in servers.values():  # warm-up, discarded: the first run of anything in a process is slow
         await timed_round(server, calls)
     times: dict[str, list[float]] = {name: [] for name in servers}
@@ -66,6 +69,8 @@ async def main(rounds: int, calls: int) -> None:
     print(f"{rounds} rounds x {calls} sequential in-memory tools/call round trips, configurations rotated per round")
     report("loopwatch core (traces=False) vs bare", times["bare"], times["core"])
     report("loopwatch defaults vs bare", times["bare"], times["default"])
+    report("defaults, announce off vs bare", times["bare"], times["quiet"])
+    report("announce on vs off (both defaults)", times["quiet"], times["default"])
     report("SDK OpenTelemetryMiddleware vs none", times["none"], times["bare"])
     report("A/A: bare vs the same bare again", times["bare"], times["bare-again"])
 

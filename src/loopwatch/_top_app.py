@@ -54,6 +54,8 @@ class TopApp(App[None]):
         self.sort_by = SORTS[0]
         self.filter_text = ""
         self.selected: Path | None = None
+        self.follow_top = True
+        """Until the user moves the cursor, the detail follows the first row (a stuck server, when there is one)."""
         self.servers: list[Server] = []
 
     def compose(self) -> ComposeResult:
@@ -117,6 +119,8 @@ class TopApp(App[None]):
                 cells = [Text(c, style="bold red") for c in cells]
             table.add_row(*cells, key=str(server.path))
         paths = [s.path for s in shown]
+        if self.follow_top and paths:
+            keep = self.selected = paths[0]
         if keep in paths:
             table.move_cursor(row=paths.index(keep), animate=False)
         elif paths:
@@ -150,6 +154,10 @@ class TopApp(App[None]):
                 self.selected = path
                 self._show_detail()
                 self.refresh_servers()  # its detail (stack, recent blocks) now, not at the next tick
+
+    def on_key(self, event: Any) -> None:
+        if event.key in ("up", "down", "pageup", "pagedown", "home", "end", "enter"):
+            self.follow_top = False  # the user picks the server from now on
 
     def action_sort(self) -> None:
         self.sort_by = SORTS[(SORTS.index(self.sort_by) + 1) % len(SORTS)]

@@ -229,7 +229,8 @@ def stuck_lines(server: Server, frames: int = 6) -> list[str]:
             lines.append(f"             {code}")
         if st.get("importing"):
             lines.append(f"          importing {st['importing']}")
-        for frame in _telling(stack, culprit)[-frames:]:
+        telling = _telling(stack, culprit)[-frames:]
+        for frame in telling if len(telling) > 1 else ():
             mark = "->" if frame == culprit else "  "
             lines.append(f"          {mark} {frame_text(frame)}")
     return lines

@@ -167,6 +167,14 @@ def duration(seconds: float | None) -> str:
     return f"{seconds:.1f} s"
 
 
+def uptime(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+
+
 def command_text(state: dict[str, Any], width: int = 60) -> str:
     words = [w for w in state.get("command") or () if w]
     text = " ".join(Path(words[0]).name if i == 0 else w for i, w in enumerate(words))
@@ -280,11 +288,11 @@ def once_text(servers: Sequence[Server], cleaned: Sequence[str] = ()) -> str:
 def ls_text(servers: Sequence[Server], cleaned: Sequence[str] = ()) -> str:
     header = ("PID", "NAME", "TRANSPORT", "STATE", "UP", "COMMAND", "SOCKET")
     rows = [header]
-    for s in sort_servers(servers, "pid"):
+    for s in sorted(servers, key=lambda s: (s.pid or 0, s.path.name)):
         st = s.state or {}
         up = st.get("now", 0) - st["started_at"] if st.get("started_at") else None
         rows.append((str(s.pid or "?"), s.name, str(st.get("transport") or "?"), s.status(),
-                     duration(up) if up is not None else "-", command_text(st, 50), str(s.path)))
+                     uptime(up), command_text(st, 50), str(s.path)))
     lines = list(cleaned)
     if len(rows) == 1:
         lines.append("no watched servers")

@@ -1,6 +1,7 @@
 """`loopwatch top` in a real terminal (tmux) against stdio servers that a real MCP client started under
 `loopwatch run`; `loopwatch ls` and `top --once` against the same; a killed server's socket cleaned."""
 
+import json
 import os
 import re
 import shutil
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import anyio
+import jsonschema
 import pytest
 from mcp import Client, StdioServerParameters
 
@@ -23,6 +25,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (.ci/tmux.sh installs it)"),
 ]
 SERVER = FIXTURES / "stuck_server.py"
+SCHEMA = Path(__file__).parent.parent / "speedscope-file-format.schema.json"
 SLEEP_LINE = next(n for n, line in enumerate(SERVER.read_text().splitlines(), 1) if "must show" in line)
 WHILE_LINE = SLEEP_LINE - 1
 
@@ -51,11 +54,11 @@ def server_params(name, runtime):
 class Terminal:
     """A tmux session running one command: type with send-keys, read the screen with capture-pane."""
 
-    def __init__(self, command, env, width=200, height=50):
+    def __init__(self, command, env, cwd, width=200, height=50):
         self.name = f"lwtop-{os.getpid()}-{time.monotonic_ns()}"
         exports = " ".join(f"{k}={v}" for k, v in env.items())
         subprocess.run(["tmux", "new-session", "-d", "-s", self.name, "-x", str(width), "-y", str(height),
-                        f"env {exports} {command}"], check=True)
+                        "-c", str(cwd), f"env {exports} {command}"], check=True)
 
     def screen(self):
         done = subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name], capture_output=True, text=True)
@@ -94,6 +97,10 @@ def table_rows(screen):
     return rows
 
 
+def table_pid(screen, name):
+    return next(line.split()[1] for line in screen.splitlines() if line.split()[:1] == [name])
+
+
 def blocked_for(screen, name):
     found = re.search(rf"BLOCKED\s+([\d.]+) (ms|s)\s+{name} \(pid", screen)
     if not found:
@@ -109,7 +116,7 @@ async def test_top_shows_the_stuck_server_first_with_its_call_and_line_while_it_
             Client(server_params("gamma", runtime)) as gamma:
         for client in (alpha, beta, gamma):
             await client.call_tool("ping", {})
-        terminal = Terminal(f"{python} -m loopwatch top --interval 0.3", {"XDG_RUNTIME_DIR": runtime})
+        terminal = Terminal(f"{python} -m loopwatch top --interval 0.3", {"XDG_RUNTIME_DIR": runtime}, runtime)
         try:
             screen = await terminal.wait_for(lambda s: all(f" {n} " in s for n in names), what="three servers")
             assert "0 stuck" in screen
@@ -148,8 +155,22 @@ async def test_top_shows_the_stuck_server_first_with_its_call_and_line_while_it_
             terminal.keys("/")
             await terminal.wait_for(lambda s: "filter: part of a name" in s, what="the filter field")
             await anyio.sleep(0.3)  # focus moves to the field right after it shows
-            terminal.keys("gam")
-            screen = await terminal.wait_for(lambda s: [n for n, _ in table_rows(s)] == ["gamma"], what="the filter")
+            terminal.keys("bet")
+            screen = await terminal.wait_for(lambda s: [n for n, _ in table_rows(s)] == ["beta"], what="the filter")
+            await terminal.wait_for(lambda s: "beta (pid" in s and "recent blocks" in s and "[wait] tools/call stall" in s,
+                                    what="beta's detail with its block")
+            terminal.keys("Enter")  # the filter stays, its field goes, the table has the keys again
+            await terminal.wait_for(lambda s: "▔▔▔▔" not in s, what="the filter field closed")
+            terminal.keys("w")  # beta's recent blocks, written as flame graphs in top's working directory
+            profile = Path(runtime) / f"loopwatch-beta-{table_pid(screen, 'beta')}.speedscope.json"
+            await terminal.wait_for(lambda s: profile.exists() and profile.with_suffix("").with_suffix(".folded").exists(),
+                                    what=f"{profile.name} written")
+            await terminal.wait_for(lambda s: "blocked time written" in s, what="the notice of the files written")
+            data = json.loads(profile.read_text())
+            jsonschema.validate(data, json.loads(SCHEMA.read_text()))
+            folded = profile.with_suffix("").with_suffix(".folded").read_text()
+            assert f"stall (fixtures/stuck_server.py:{SLEEP_LINE})" in folded or \
+                f"stall (fixtures/stuck_server.py:{WHILE_LINE})" in folded
             terminal.keys("Escape")
             await terminal.wait_for(lambda s: len(table_rows(s)) == 3, what="the filter cleared")
             terminal.keys("s")

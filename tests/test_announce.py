@@ -218,3 +218,43 @@ async def test_a_runtime_directory_another_user_owns_is_not_used(runtime):
         finally:
             poller.close()
         assert [s.name for s in servers if s.path == path] == ["careful"]
+
+
+@asyncio_only
+async def test_report_reads_a_running_servers_blocks_from_its_announcement(runtime, tmp_path, capsys):
+    from loopwatch import cli
+
+    server = MCPServer("profiled")
+
+    @server.tool()
+    async def nap() -> str:
+        time.sleep(0.3)
+        return "ok"
+
+    handle = loopwatch.instrument(server, log_blocks=False, offload="off")
+    async with Client(server) as client:
+        await client.call_tool("nap", {})
+        await handle.monitor.settle()
+        await wait_for_sockets(runtime, 1)
+        out = tmp_path / "live.folded"
+        code = await anyio.to_thread.run_sync(cli.main, ["report", "--server", "profiled", "--folded", str(out)])
+        missing = await anyio.to_thread.run_sync(cli.main, ["report", "--server", "nobody"])
+    printed = capsys.readouterr()
+    assert code == 0 and "tools/call nap: 1 block" in printed.out and f"profiled (pid {os.getpid()})" in printed.out
+    assert out.read_text().startswith("tools/call nap;")
+    assert missing == 2 and "no watched server named or numbered 'nobody'" in printed.err
+
+
+@asyncio_only
+async def test_a_runtime_directory_too_long_for_a_socket_path_is_passed_over(runtime, monkeypatch):
+    deep = Path(os.environ["XDG_RUNTIME_DIR"]) / ("d" * 90)
+    deep.mkdir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(deep))
+    server = make_server("deep")
+    loopwatch.instrument(server, log_blocks=False)
+    async with Client(server) as client:
+        await client.call_tool("ping", {})
+        fallback = Path(os.environ["XDG_CACHE_HOME"]) / "loopwatch" / "run"
+        [path] = await wait_for_sockets(fallback, 1)
+        with _announce.Link(path) as link:
+            assert link.ask(op="state")["name"] == "deep"

@@ -46,6 +46,8 @@ BLOCKS_KEPT = 1000
 """Block events each server keeps for `top`'s last minute and for profiles of a running server."""
 WINDOW = 60.0
 ENV_OFF = "LOOPWATCH_NO_ANNOUNCE"
+MAX_DIR_BYTES = 80
+"""Longest directory a socket is put in: sun_path holds 107 bytes, and `/<pid>.<n>.sock` needs up to 27."""
 
 _counter = itertools.count(1)
 
@@ -94,6 +96,8 @@ def announce_dir() -> Path | None:
         parent = path.parent
         if path.name == "loopwatch" and not parent.is_dir():
             continue  # an XDG_RUNTIME_DIR that does not exist is not ours to create
+        if len(os.fsencode(path)) > MAX_DIR_BYTES:
+            continue  # a socket's path has at most 107 bytes on Linux: its name must still fit
         try:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError:

@@ -258,3 +258,30 @@ async def test_a_runtime_directory_too_long_for_a_socket_path_is_passed_over(run
         [path] = await wait_for_sockets(fallback, 1)
         with _announce.Link(path) as link:
             assert link.ask(op="state")["name"] == "deep"
+
+
+@asyncio_only
+async def test_another_user_cannot_reach_the_socket(runtime):
+    if os.getuid() != 0:
+        pytest.skip("needs root to run a probe as another user")
+    import subprocess
+
+    python = shutil.which("python3", path="/usr/bin:/usr/local/bin:/bin")
+    if python is None:
+        pytest.skip("no system python3 another user may run")
+
+    server = make_server("private")
+    loopwatch.instrument(server, log_blocks=False)
+    probe = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    print('refused')\nelse:\n    print('connected')\n"
+    )
+    async with Client(server) as client:
+        await client.call_tool("ping", {})
+        [path] = await wait_for_sockets(runtime, 1)
+        other = await anyio.to_thread.run_sync(lambda: subprocess.run(
+            [python, "-c", probe, str(path)], capture_output=True, text=True, timeout=30,
+            user=65534, group=65534, extra_groups=[],
+        ))
+    assert other.stdout.strip() == "refused", other.stderr

@@ -203,6 +203,15 @@ async def test_ls_and_top_once_list_the_servers_and_a_killed_servers_socket_is_r
         once = subprocess.run([sys.executable, "-m", "loopwatch", "top", "--once"], env=env, capture_output=True,
                               text=True)
         assert "1 server, 0 stuck" in once.stdout and "doomed" in once.stdout
+        server.send_signal(signal.SIGSTOP)  # alive but answering nobody (as a native call holding the GIL)
+        try:
+            once = subprocess.run([sys.executable, "-m", "loopwatch", "top", "--once"], env=env,
+                                  capture_output=True, text=True)
+        finally:
+            server.send_signal(signal.SIGCONT)
+        assert "1 server, 1 stuck" in once.stdout
+        assert f"NO ANSWER  ? (pid {server.pid}): no answer (TimeoutError)" in once.stdout
+        assert sock.exists()  # a silent server is not a dead one: its socket stays
         server.send_signal(signal.SIGKILL)
         server.wait(10)
         assert sock.exists()  # nobody removed it: the process had no chance

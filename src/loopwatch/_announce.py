@@ -344,17 +344,13 @@ class Announcement:
         return getattr(server, "name", None) or type(server).__name__
 
     def state(self, detail: bool = False, blocks: int = 10) -> dict[str, Any]:
+        """What `top` shows of a server. Without `detail`, no per-tool percentiles (they sort every tool's
+        durations): a reader's look holds the GIL, which the loop may be waiting for, as briefly as it can."""
         monitor = self.monitor
-        snapshot = monitor.snapshot()
-        recent = snapshot.pop("recent_events")
         lag_now = _lag_now(monitor)
         blocked = lag_now is not None and lag_now >= monitor.options.threshold
-        now = time.time()
-        count, seconds = self.log.window(now)
-        if blocked and lag_now is not None:
-            seconds += min(lag_now, WINDOW)  # the block going on counts as it goes
-        uptime = now - (monitor.started_at or now)
-        window = max(min(WINDOW, uptime), 1e-9)
+        rows = list(monitor.stats.tools.items())
+        methods = list(monitor.stats.methods.values())
         state: dict[str, Any] = {
             "protocol": PROTOCOL,
             "name": self.name,
@@ -363,23 +359,34 @@ class Announcement:
             "transport": getattr(self.handle, "transport", None) or guess_transport(),
             "backend": monitor.backend,
             "started_at": monitor.started_at,
-            "now": now,
+            "now": time.time(),
             "threshold_s": monitor.options.threshold,
             "lag_now_s": None if lag_now is None else round(lag_now, 4),
             "blocked": blocked,
-            "minute": {"blocks": count, "blocked_s": round(seconds, 4), "window_s": round(window, 3),
-                       "share": round(min(1.0, seconds / window), 4)},
-            "in_flight": sum(t["in_flight"] for t in snapshot["tools"].values())
-            + sum(m["in_flight"] for m in snapshot["methods"].values()),
-            "off_loop": sorted(name for name, t in snapshot["tools"].items() if t["executes"] != "loop"),
-            "snapshot": snapshot,
+            "minute": self._minute(lag_now if blocked else None),
+            "in_flight": sum(r.in_flight for _, r in rows) + sum(r.in_flight for r in methods),
+            "off_loop": sorted(name for name, _ in rows if monitor.where(name) != "loop"),
+            "lag": {k: v for k, v in monitor.lag.to_dict().items() if k != "histogram"},
         }
         if blocked or detail:
             state.update(loop_stack(monitor))
         if detail:
+            snapshot = monitor.snapshot()
+            recent = snapshot.pop("recent_events")
+            state["snapshot"] = snapshot
             state["recent_blocks"] = [e for e in recent if e["event"] == "loop_blocked"][-blocks:]
             state["recent_offloads"] = [e for e in recent if e["event"] != "loop_blocked"][-blocks:]
         return state
+
+    def _minute(self, ongoing: float | None) -> dict[str, Any]:
+        """Blocks in the last minute (of the server's life, when younger) and the share of it spent blocked;
+        a block going on counts as it goes."""
+        now = time.time()
+        count, seconds = self.log.window(now)
+        seconds += min(ongoing or 0.0, WINDOW)
+        window = max(min(WINDOW, now - (self.monitor.started_at or now)), 1e-9)
+        return {"blocks": count, "blocked_s": round(seconds, 4), "window_s": round(window, 3),
+                "share": round(min(1.0, seconds / window), 4)}
 
 
 def _lag_now(monitor: Any) -> float | None:

@@ -155,7 +155,7 @@ COLUMNS = ("name", "pid", "transport", "state", "lag now", "p99", "max", "in fli
 
 
 def _lag(state: dict[str, Any], key: str) -> float | None:
-    value = ((state.get("snapshot") or {}).get("lag") or {}).get(key)
+    value = (state.get("lag") or (state.get("snapshot") or {}).get("lag") or {}).get(key)
     return value if isinstance(value, int | float) else None
 
 

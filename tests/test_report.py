@@ -124,6 +124,14 @@ def test_the_command_prints_the_summary_and_writes_both_files(events_file, tmp_p
     assert out_folded.read_text() == folded(load_events(events_file).blocks)
 
 
+def test_rotated_events_files_are_read_together(events_file, tmp_path, capsys):
+    older = tmp_path / "events.jsonl.1"
+    older.write_text(events_file.read_text())
+    assert cli.main(["report", str(older), str(events_file)]) == 0
+    printed = capsys.readouterr().out
+    assert "tools/call nap: 4 blocks" in printed and "2 unreadable lines skipped" in printed
+
+
 def test_a_missing_events_file_is_one_clear_line(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path / "nope.jsonl")]) == 2
     assert capsys.readouterr().err.strip() == f"loopwatch: cannot read {tmp_path / 'nope.jsonl'}: no such file"

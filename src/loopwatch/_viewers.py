@@ -39,14 +39,19 @@ def _top(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    if (args.events is None) == (args.server is None):
-        raise ReportError("give an events file or --server NAME|PID (one of them)")
+    if bool(args.events) == (args.server is not None):
+        raise ReportError("give events files or --server NAME|PID (one of them)")
     if args.server is not None:
         blocks, source, name = _live_blocks(args.server)
     else:
-        loaded = load_events(args.events)
-        blocks, name = loaded.blocks, f"{args.events}: blocked loop time"
-        source = args.events + (f"; {loaded.skipped} unreadable lines skipped" if loaded.skipped else "")
+        blocks, skipped = [], 0
+        for path in args.events:  # FILE.2 FILE.1 FILE: a rotated file's blocks, oldest first
+            loaded = load_events(path)
+            blocks += loaded.blocks
+            skipped += loaded.skipped
+        files = ", ".join(args.events)
+        name = f"{files}: blocked loop time"
+        source = files + (f"; {skipped} unreadable lines skipped" if skipped else "")
     print(summary(blocks, args.lines, source))
     for line in write_profiles(blocks, args.speedscope, args.folded, name):
         print(line)

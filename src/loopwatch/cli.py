@@ -151,7 +151,7 @@ def _add_viewer_commands(sub: Any) -> None:
     top.add_argument("--interval", type=_seconds, default=0.5, help="seconds between looks (default 0.5)")
     sub.add_parser("ls", help="list the watched servers on this machine")
     report = sub.add_parser("report", help="blocks per tool, lines to fix, flame graphs")
-    report.add_argument("events", nargs="?", help="an events file (JSON lines, from --events)")
+    report.add_argument("events", nargs="*", help="events files (JSON lines, from --events; rotated ones too)")
     report.add_argument("--server", help="a running server instead: its name or pid (see `loopwatch ls`)")
     report.add_argument("--speedscope", metavar="FILE", help="write the blocked time as a speedscope profile")
     report.add_argument("--folded", metavar="FILE", help="write folded stacks (flamegraph.pl, inferno)")

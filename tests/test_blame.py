@@ -34,13 +34,13 @@ def test_no_frame_is_no_sample():
     assert sample_frame(None) is None
 
 
-def test_the_culprit_is_the_application_frame_that_called_into_the_leaf():
+def test_the_culprit_is_the_innermost_frame_of_the_applications_own_code():
     stack = [
         Frame(f"{SITE}/mcp/server/runner.py", 210, "_inner"),
         Frame("/srv/app/server.py", 15, "lookup"),
         Frame("/srv/app/legacy.py", 8, "fetch_record"),
     ]
-    assert culprit_frame(stack) == Frame("/srv/app/server.py", 15, "lookup")
+    assert culprit_frame(stack) == Frame("/srv/app/legacy.py", 8, "fetch_record")
 
 
 def test_the_culprit_skips_stdlib_frames_at_the_leaf():

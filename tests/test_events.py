@@ -97,13 +97,15 @@ def test_a_listener_that_raises_is_logged_and_dropped_and_the_others_still_run(c
     assert sum("listener" in r.message for r in caplog.records) == 1
 
 
-def test_with_a_library_leaf_the_line_also_names_the_applications_own_line():
+def test_with_a_library_leaf_the_line_names_the_applications_own_innermost_line():
     import socket
+
+    from loopwatch._blame import culprit_frame
 
     frames = (
         Frame("/srv/server.py", 35, "price"),
         Frame("/srv/catalog_lib.py", 78, "fetch_price"),
         Frame(socket.__file__, 706, "readinto"),
     )
-    line = block(frames=frames, culprit=frames[0]).describe()
-    assert line.endswith("at socket.py:706 in readinto <- catalog_lib.py:78 in fetch_price <- server.py:35 in price")
+    line = block(frames=frames, culprit=culprit_frame(frames)).describe()
+    assert line.endswith("at socket.py:706 in readinto <- catalog_lib.py:78 in fetch_price")

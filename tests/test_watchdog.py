@@ -142,7 +142,11 @@ def test_a_gil_block_keeps_the_call_seen_before_the_gil_was_taken():
     [(event, _)] = w.events
     assert event.kind == "gil"
     assert event.tool == "native"
-    assert event.frames == ()
+    # The look right as the GIL came back shows the native call that held it: its frames, marked as such.
+    assert [f.line for f in event.frames] == [15, 8]
+    assert event.released_at == event.frames[-1]
+    assert event.to_dict()["released_at"]["line"] == 8
+    assert "a native call at legacy.py:8 in fetch_record held the GIL (6 samples)" in event.describe()
 
 
 def test_a_block_inside_an_import_is_an_import_block_naming_the_module_and_the_import_line():
@@ -202,8 +206,9 @@ def test_a_crunch_then_a_sleep_with_no_beat_between_is_the_kind_of_the_stack_rep
     w = World()
     w.healthy()
     start = w.now
-    crunch = Sample((("/app/server.py", 30, "warm_cache"),), call("lookup"))
-    sleep = Sample(TOOL_STACK, call("lookup"))
+    record = call("lookup")  # one call: its samples share its record
+    crunch = Sample((("/app/server.py", 30, "warm_cache"),), record)
+    sleep = Sample(TOOL_STACK, record)
     while w.now < start + 0.5 - 1e-9:
         w.now += 0.01
         busy = w.now < start + 0.2

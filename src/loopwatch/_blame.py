@@ -12,7 +12,8 @@ import os
 import sys
 import sysconfig
 import threading
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import CodeType, FrameType
@@ -174,6 +175,8 @@ def current_call() -> CallRecord | None:
 
 OFFLOADED_CALLS: dict[int, list[CallRecord | None]] = {}
 """Thread id -> the offloaded calls running there now (a worker loop may run several)."""
+OFFLOAD_SPANS: deque[tuple[float, float, CallRecord | None]] = deque(maxlen=256)
+"""(start, end) on the monotonic clock of recent offloaded calls, running ones with end = inf."""
 
 
 async def serve_offloaded(record: CallRecord | None, fn: Callable[[], Any]) -> Any:
@@ -184,15 +187,31 @@ async def serve_offloaded(record: CallRecord | None, fn: Callable[[], Any]) -> A
         record.execution = "thread"
     running = OFFLOADED_CALLS.setdefault(threading.get_ident(), [])
     running.append(record)
+    span = [time.monotonic(), float("inf"), record]
+    OFFLOAD_SPANS.append(span)  # type: ignore[arg-type]
     try:
         result = fn()
         if inspect.isawaitable(result):
             result = await result
         return result
     finally:
+        span[1] = time.monotonic()
         running.remove(record)
         if not running:
             OFFLOADED_CALLS.pop(threading.get_ident(), None)
+
+
+def offloaded_during(start: float, end: float) -> list[CallRecord]:
+    """The offloaded calls that ran at some point between `start` and `end` (monotonic)."""
+    for _ in range(3):
+        try:
+            spans = tuple(OFFLOAD_SPANS)
+            break
+        except RuntimeError:
+            continue
+    else:
+        return []
+    return [call for began, ended, call in spans if call is not None and began < end and ended > start]
 
 
 register_call_frame(serve_offloaded.__code__)

@@ -43,14 +43,16 @@ class GcClock:
             thread = threading.get_ident()
             self._offloaded = (thread, tuple(OFFLOADED_CALLS.get(thread, ()))) if thread in OFFLOADED_CALLS else None
             return
-        started, self._started = self._started, None
-        offloaded, self._offloaded = self._offloaded, None
+        # Kept before the collection is marked over: a thread switch in this callback lets the loop beat and
+        # the watchdog read the block, which must see the collection either going on or kept.
+        started, offloaded = self._started, self._offloaded
         if started is not None:
             ended = self._clock()
             if ended - started >= MIN_PAUSE:
-                self._pauses.append((started, ended, info.get("generation", 0)))
                 if offloaded is not None:
                     self._holders.append((started, ended, *offloaded))
+                self._pauses.append((started, ended, info.get("generation", 0)))
+        self._started = self._offloaded = None
 
     def acquire(self) -> None:
         with self._lock:
@@ -82,6 +84,9 @@ class GcClock:
                 continue
         else:
             return []
+        ongoing, offloaded = self._started, self._offloaded
+        if ongoing is not None and offloaded is not None and not (kept and kept[-1][0] == ongoing):
+            kept += ((ongoing, end, *offloaded),)
         return [(min(e, end) - max(b, start), t, c) for b, e, t, c in kept if e > start and b < end]
 
     def within(self, start: float, end: float) -> float:

@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from ._blame import CallRecord, home_of, register_sdk_frames
+from ._blame import CallRecord, home_of, offloaded_during, register_sdk_frames
 from ._events import BlockEvent, BlockLog, Event, JsonLinesWriter, Listener, Listeners
 from ._gc import GC_CLOCK
 from ._options import Options
@@ -223,6 +223,7 @@ class Monitor:
             gc_holders=GC_CLOCK.holders,
             tool_home=self._tool_home,
             loop_thread=thread_id,
+            offloaded_during=offloaded_during,
         )
         self.heartbeat, self.loop_thread_id = heartbeat, thread_id
         self.backend = _backend_name()

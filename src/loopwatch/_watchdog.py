@@ -134,6 +134,11 @@ class _Block:
         return None
 
 
+IDLE_SHARE = 0.05
+"""Below this share of the block on (or waiting for) a core, the loop thread was idle: it slept, or waited for
+the GIL another thread held (it wakes only to ask for it, every switch interval)."""
+
+
 def classify(
     duration: float, demand_s: float | None, starved_s: float, importing: bool, gc_s: float = 0.0
 ) -> BlockKind:
@@ -141,7 +146,10 @@ def classify(
 
     Demand is CPU time plus time spent runnable but waiting for a core: on a loaded machine a crunch
     gets less CPU than wall time, but it never sleeps. A block the garbage collector held for half its
-    time or more is `gc`, whatever code happened to allocate when the collection began.
+    time or more is `gc`, whatever code happened to allocate when the collection began. A block the
+    watchdog could not sample through for half its time, while the loop thread was not idle, is `gil`:
+    a native call held the GIL (where the watchdog saw too little of the block to measure the demand, a
+    loaded machine gives the loop thread only a part of its CPU time, so not idle is all it can say).
     """
     if gc_s * 2 >= duration > 0:
         return "gc"
@@ -150,7 +158,7 @@ def classify(
     if demand_s is None:
         return "unknown"
     busy = demand_s >= CPU_SHARE * duration
-    if busy and starved_s >= duration / 2:
+    if starved_s * 2 >= duration and demand_s >= IDLE_SHARE * duration:
         return "gil"
     return "cpu" if busy else "wait"
 
@@ -183,7 +191,10 @@ class Detector:
         gc_holders: Callable[[float, float], list[tuple[float, int, tuple[Any, ...]]]] = lambda start, end: [],
         tool_home: Callable[[CallRecord], str | None] = lambda call: None,
         loop_thread: int | None = None,
+        offloaded_during: Callable[[float, float], list[CallRecord]] = lambda start, end: [],
     ) -> None:
+        self.offloaded_during = offloaded_during
+        """The offloaded calls that ran between two times of `clock` (`_blame.offloaded_during`)."""
         self.gc_holders = gc_holders
         """Per collection between two times of `clock`: (seconds, the thread that ran it, the offloaded calls
         that thread was running)."""
@@ -395,17 +406,20 @@ class Detector:
         thread ran. The kind stays `gil` or `gc`; the blame goes to that call."""
         if kind == "gc":
             return self._gc_elsewhere(block, start, end)
-        loop_idle = demand_s is not None and demand_s < CPU_SHARE * lag
+        loop_idle = demand_s is not None and demand_s < IDLE_SHARE * lag
         if starved_s * 2 < lag or not loop_idle:
             return None
         sample = block.released or (block.samples[0] if block.samples else None)
         others = [s for s in (sample.elsewhere if sample is not None else ()) if s.call is not None]
-        calls = {call_key(s.call): s for s in others if s.call is not None}
-        if len(calls) != 1:
-            return None  # none, or several offloaded calls at once: the watchdog can't tell which one it was
-        (held,) = calls.values()
-        assert held.call is not None
-        return "gil", _frames(held.stack), held.call
+        seen = {call_key(s.call): s for s in others if s.call is not None}
+        if len(seen) == 1:
+            (held,) = seen.values()
+            assert held.call is not None
+            return "gil", _frames(held.stack), held.call
+        ran = {call_key(c): c for c in self.offloaded_during(start, end)}
+        if not seen and len(ran) == 1:  # no sample of it in the block (the loop took the GIL back first)
+            return "gil", (), next(iter(ran.values()))
+        return None  # none, or several offloaded calls at once: the watchdog can't tell which one it was
 
     def _gc_elsewhere(self, block: _Block, start: float, end: float) -> tuple[BlockKind, tuple[Frame, ...], CallRecord] | None:
         by_thread: dict[int, float] = {}
@@ -475,10 +489,13 @@ def _frames(stack: tuple[RawFrame, ...]) -> tuple[Frame, ...]:
 
 def _demand(block: _Block, cpu_s: float | None, lag: float) -> float | None:
     """Seconds the loop thread wanted a core during the block: measured over the part the watchdog sampled
-    (CPU plus run-queue time: a crunch preempted on a busy machine is still a crunch), else its CPU time."""
+    (CPU plus run-queue time: a crunch preempted on a busy machine is still a crunch) when that part is most
+    of the block, else its CPU time (a few samples right after the GIL came back say little of the rest)."""
     wall = sum(w for w, _ in block.spent.values())
-    if wall > 0:
+    if wall > 0 and (wall * 2 >= lag or cpu_s is None):
         return lag * min(1.0, max(0.0, sum(u for _, u in block.spent.values()) / wall))
+    if wall > 0 and cpu_s is not None:  # at least what the sampled part wanted
+        return max(cpu_s, min(wall, sum(u for _, u in block.spent.values())))
     return cpu_s
 
 

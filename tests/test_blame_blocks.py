@@ -150,3 +150,35 @@ async def test_a_collection_an_offloaded_tool_triggers_is_blamed_on_it(anyio_bac
     assert "in the thread of tools/call churn" in charged[0].describe()
     assert handle.snapshot()["tools"]["churn"]["blocks"] == len(charged)
     assert blocks(handle, "ping") == []
+
+
+async def test_calls_blocking_back_to_back_are_each_blamed_and_counted(anyio_backend):
+    server = fresh("blame_server", "mcp")
+    handle = loopwatch.instrument(server, threshold=0.1, log_blocks=False, traces=False, offload="off")
+    async with client_for(server) as client:
+        with anyio.fail_after(60):
+            await client.call_tool("ping", {})
+            async with anyio.create_task_group() as tg:
+                for _ in range(4):
+                    tg.start_soon(client.call_tool, "hold", {})
+            await settle(handle.monitor)
+    held = [e for e in blocks(handle, "hold") if e.kind != "gc"]
+    assert len(held) == 4
+    assert len({e.request_id for e in held}) == 4
+    assert all(e.duration_s < 0.35 for e in held)  # each its own part, not one block of all four
+    assert handle.snapshot()["tools"]["hold"]["blocks"] == 4
+
+
+async def test_a_blocker_200_frames_below_the_tool_is_blamed_on_the_call_and_moved(anyio_backend):
+    server = fresh("blame_server", "mcp")
+    handle = loopwatch.instrument(server, threshold=0.1, log_blocks=False, traces=False)
+    async with client_for(server) as client:
+        with anyio.fail_after(60):
+            await client.call_tool("ping", {})
+            await client.call_tool("deep", {})
+            await settle(handle.monitor)
+    [event] = [e for e in blocks(handle, "deep") if e.kind != "gc"]
+    line = line_of(FIXTURES / "blame_server.py", "DEEP LINE")
+    assert (event.kind, event.culprit.function, event.culprit.line) == ("wait", "_descend", line)
+    assert len(event.frames) <= 128 and any(f.function == "deep" for f in event.frames)
+    assert [e.tool for e in handle.monitor.recent if isinstance(e, loopwatch.OffloadEvent)] == ["deep"]

@@ -106,6 +106,7 @@ def sample_frame(leaf: FrameType | None) -> Sample | None:
         return None
     raw: list[RawFrame] = []
     call: CallRecord | None = None
+    call_at = -1
     module: str | None = None
     frame: FrameType | None = leaf
     while frame is not None and len(raw) < MAX_WALK:
@@ -115,20 +116,39 @@ def sample_frame(leaf: FrameType | None) -> Sample | None:
             reader = _call_codes.get(code)
             if reader is not None:
                 call = reader(frame)
+                call_at = len(raw) - 1
         if code.co_name == "_find_and_load" and code.co_filename.startswith("<frozen importlib"):
             module = _read_local(frame, "name") or module
         frame = frame.f_back
     raw.reverse()
-    return Sample(bound_stack(drop_own_leaf(trim_to_task(raw))), call, module)
+    task = trim_to_task(raw)
+    anchor = None if call_at < 0 else len(raw) - 1 - call_at - (len(raw) - len(task))
+    return Sample(bound_stack(drop_own_leaf(task), anchor=anchor), call, module)
 
 
-def bound_stack(raw: Sequence[RawFrame], depth: int = MAX_DEPTH) -> tuple[RawFrame, ...]:
-    """At most `depth` frames: the outermost `OUTER_KEPT`, a marker, and the innermost rest."""
+def bound_stack(raw: Sequence[RawFrame], depth: int = MAX_DEPTH, anchor: int | None = None) -> tuple[RawFrame, ...]:
+    """At most `depth` frames: the root's first few; from the call's frame (`anchor`) to a few frames past the
+    tool's own (the first frame inward of it that is not the framework's); the innermost rest (the leaf's
+    side); a marker where frames were left out, saying how many."""
     if len(raw) <= depth:
         return tuple(raw)
-    inner = depth - OUTER_KEPT - 1
-    marker = (OMITTED, len(raw) - OUTER_KEPT - inner, "...")
-    return (*raw[:OUTER_KEPT], marker, *raw[len(raw) - inner :])
+    start = anchor if anchor is not None and 0 <= anchor < len(raw) else 0
+    tool = next((i for i in range(start, len(raw)) if not is_framework(raw[i][0])), start)
+    end = min(len(raw), tool + 8)
+    if end - start > OUTER_KEPT:  # a long framework chain between the call's frame and the tool: its two ends
+        ranges = [(0, min(4, start)), (start, start + 8), (end - OUTER_KEPT + 9, end)]
+    else:
+        ranges = [(0, min(4, start)), (start, end)]
+    room = depth - sum(b - a for a, b in ranges) - len(ranges)
+    ranges.append((max(end, len(raw) - room), len(raw)))
+    kept: list[RawFrame] = []
+    last = 0
+    for a, b in ranges:
+        if a > last:
+            kept.append((OMITTED, a - last, "..."))
+        kept.extend(raw[max(a, last) : b])
+        last = max(last, b)
+    return tuple(kept)
 
 
 def drop_own_leaf(raw: Sequence[RawFrame]) -> Sequence[RawFrame]:

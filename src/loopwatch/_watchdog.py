@@ -89,6 +89,8 @@ class _Block:
     """Per stack: [seconds of wall time, seconds of CPU demand] between the previous sample and this one."""
     runs: list[_Run] = field(default_factory=list)
     """The samples in order, cut where the call they show changes (calls blocking back to back)."""
+    told: set[int] = field(default_factory=set)
+    """The calls announced as holding the loop in this block."""
     released: Sample | None = None
     """The first sample taken once the watchdog got the GIL back after waiting for it: CPython drops the GIL
     right after a C call returns, so it shows the call that held it (see `classify`)."""
@@ -128,8 +130,12 @@ class _Block:
         run = self.runs[-1] if self.runs else None
         if run is None or run.call is None or run.count < 2 or run.announced:
             return None
+        if run.key in self.told:
+            run.announced = True
+            return None
         if len(self.runs) == 1 or run.last - run.first >= min_span:
             run.announced = True
+            self.told.add(run.key)
             return run.call
         return None
 
@@ -275,14 +281,18 @@ class Detector:
         return None
 
     def _announce(self, block: _Block, elapsed: float, now: float) -> None:
-        if block.announced:
+        """Tell who holds the loop, once per call holding it in this block (calls can take turns)."""
+        run = block.runs[-1] if block.runs else None
+        if run is None or run.announced or run.call is None or run.count < 2:
             return
         if self.gc_time(now - elapsed, now) * 2 >= elapsed:
             return  # the collector's so far: no call to tell about yet
         holder = block.holder(self.hb.threshold / 2)
         if holder is not None:
             block.announced = True
-            importing = sum(1 for s in block.samples if is_import(s.stack)) * 2 > len(block.samples)
+            if len(block.runs) > 1:
+                elapsed = now - run.first
+            importing = sum(1 for s in run.samples if is_import(s.stack)) * 2 > len(run.samples)
             self.blocking(holder, elapsed, importing, block.samples[-1].stack)
 
     def first_wait(self) -> float:

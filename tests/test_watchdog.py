@@ -734,3 +734,23 @@ def test_a_short_sample_of_another_call_inside_a_block_does_not_split_it():
     [(event, blamed)] = w.events
     assert blamed is blocker and event.duration_s == round(w.now - 0.03 - start - 0.01, 6)
     assert w.announced == [blocker]
+
+
+def test_a_look_as_the_gil_came_back_outside_the_shown_calls_own_code_names_nothing():
+    """Another thread took the GIL first and the loop thread ran on, past an honest tool into the framework,
+    before the watchdog got it: that look is not where the native call was, so no frame and no call."""
+    w = World()
+    w.healthy()
+    site = "/venv/lib/python3.11/site-packages"
+    elsewhere = ((f"{site}/mcp/server/runner.py", 210, "_on_request"),
+                 (f"{site}/mcp/server/mcpserver/utilities/func_metadata.py", 653, "_convert_to_content"))
+    start = w.now
+    w.now += 0.5
+    w.cpu += 0.5
+    w.sample = Sample(elsewhere, call("ping"))
+    w.detector.poll()
+    w.now += 0.01
+    w.beat(lag=w.now - start - 0.01)
+    w.healthy(0.03)
+    [(event, blamed)] = w.events
+    assert (event.kind, event.frames, event.released_at, event.tool, blamed) == ("gil", (), None, None, None)

@@ -17,7 +17,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ._blame import OFFLOADED_CALLS, CallRecord, RawFrame, Sample, call_key, culprit_frame, is_import, sample_frame, summarize
+from ._blame import (
+    OFFLOADED_CALLS,
+    CallRecord,
+    RawFrame,
+    Sample,
+    call_key,
+    culprit_frame,
+    home_of,
+    is_import,
+    is_own,
+    sample_frame,
+    summarize,
+    tool_frame,
+)
 from ._events import BlockEvent, BlockKind, Frame
 from ._sentinel import Clock, Heartbeat
 from ._timer import StallTimer
@@ -353,9 +366,9 @@ class Detector:
             call = next(iter(calls.values())) if len(calls) == 1 else None
             frames: tuple[Frame, ...] = ()
             released = block.released if kind == "gil" else None
-            if released is not None and released.stack:
+            if released is not None and released.stack and self._in_own_code(released):
                 frames = _frames(released.stack)
-                call = released.call or call
+                call = released.call
             released_at = frames[-1] if frames else None
             self.emit(self._event(kind, frames=frames, call=call, module=None, released_at=released_at, **common), call)
             return
@@ -483,6 +496,19 @@ class Detector:
             released_at=released_at,
             offloaded=offloaded,
         )
+
+    def _in_own_code(self, sample: Sample) -> bool:
+        """Whether the look as the GIL came back is in the code of the call it shows (its tool's own frames).
+        When another thread took the GIL first, the loop thread may have run on before the watchdog got it:
+        into another call, or past the tool into the framework; then it names nothing rather than a wrong line."""
+        if sample.call is None:
+            return False
+        frames = _frames(sample.stack)
+        home = self._home(sample.call)
+        if home is None:
+            entry = tool_frame(frames)
+            home = home_of(entry.file) if entry is not None else None
+        return home is not None and any(is_own(frame.file, home) for frame in frames)
 
     def _home(self, call: CallRecord | None) -> str | None:
         if call is None:

@@ -149,10 +149,12 @@ def score(tally: dict[str, Any], tool: str, events: list[Any], otel_lines: list[
     mine = [e for e in blocks if e.tool == tool and e.kind != "gc"]
     tally["honest_blamed"] += sum(1 for e in blocks if e.tool == "ping")
     tally["gc_outside"] += sum(1 for e in blocks if e.kind == "gc" and e.tool is None)
-    tally["extra"] += sum(1 for e in blocks if e.tool != tool and not (e.kind == "gc" and e.tool is None))
+    extra = [e for e in blocks if e.tool != tool and not (e.kind == "gc" and e.tool is None)]
+    tally["extra"] += len(extra)
+    tally["misses"] += [f"extra during {tool}: {e.describe()}" for e in extra]
     if len(mine) != 1:
         tally["extra"] += max(0, len(mine) - 1)
-        tally["misses"].append(f"{tool}: {len(mine)} blocks: {[e.describe() for e in blocks]}")
+        tally["misses"].append(f"{tool}: {len(mine)} blocks blamed on it: {[e.describe() for e in mine]}")
         return
     [event] = mine
     tally["found"] += 1

@@ -754,3 +754,40 @@ def test_a_look_as_the_gil_came_back_outside_the_shown_calls_own_code_names_noth
     w.healthy(0.03)
     [(event, blamed)] = w.events
     assert (event.kind, event.frames, event.released_at, event.tool, blamed) == ("gil", (), None, None, None)
+
+
+def test_a_crunch_the_watchdog_kept_looking_at_late_is_cpu_a_loaded_machine_not_the_gil():
+    """Every look came 60 ms late (the watchdog waited for a core, not for the GIL): many looks is no GIL."""
+    w = World()
+    w.healthy()
+    start = w.now
+    w.sample = Sample(TOOL_STACK, call("crunch"))
+    while w.now < start + 1.0:
+        w.now += 0.07
+        w.cpu += 0.07
+        w.detector.poll()
+        w.detector._due = w.now  # it meant to look again at once
+    w.now += 0.01
+    w.beat(lag=w.now - start - 0.01)
+    w.healthy(0.03)
+    [(event, _)] = w.events
+    assert (event.kind, event.tool) == ("cpu", "crunch")
+
+
+def test_a_look_taken_after_the_loop_beat_again_is_not_a_sample_of_the_block():
+    w = World()
+    w.healthy()
+    start = w.now
+    w.now += 0.3
+    w.cpu += 0.001
+
+    def late_sampler():  # the loop ran on and beat while the look waited for the GIL
+        w.beat(lag=w.now - start)
+        return Sample((("/srv/_sentinel.py", 99, "beat"),), None)
+
+    w.detector.sampler = late_sampler
+    w.detector.poll()
+    w.detector.sampler = lambda: None
+    w.healthy(0.03)
+    [(event, _)] = w.events
+    assert event.frames == () and event.samples == 0

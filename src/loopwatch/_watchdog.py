@@ -69,6 +69,7 @@ class _Run:
     wall: float = 0.0
     used: float = 0.0
     announced: bool = False
+    late_looks: int = 0
 
     def add(self, sample: Sample, now: float) -> None:
         if len(self.samples) < RUN_SAMPLES:
@@ -82,6 +83,7 @@ class _Run:
         for sample in other.samples[: max(0, RUN_SAMPLES - len(self.samples))]:
             self.samples.append(sample)
         self.count += other.count
+        self.late_looks += other.late_looks
         self.first, self.last = min(self.first, other.first), max(self.last, other.last)
         self.wall += other.wall
         self.used += other.used
@@ -94,6 +96,8 @@ class _Block:
     honest_calls: dict[int, CallRecord | None] = field(default_factory=dict)
     """The calls seen in samples the watchdog took on time, by call key: bounded however long the block."""
     taken: int = 0
+    late_looks: int = 0
+    """Samples taken late (the watchdog could not run when due): one per native call that held the GIL."""
     votes: dict[int, int] = field(default_factory=dict)
     announced: bool = False
     last: tuple[float, float] | None = None
@@ -126,6 +130,7 @@ class _Block:
         else:
             self.samples[self.taken % MAX_SAMPLES] = sample
         self.taken += 1
+        self.late_looks += starved
         if starved and self.released is None:
             self.released = sample
         if not starved:
@@ -136,6 +141,7 @@ class _Block:
         if not self.runs or (self.runs[-1].key != key and len(self.runs) < MAX_RUNS):
             self.runs.append(_Run(key, sample.call, now, now))
         self.runs[-1].add(sample, now)
+        self.runs[-1].late_looks += starved
 
     def holder(self, min_span: float) -> CallRecord | None:
         """The call on the loop now, once two samples in a row agree (and, after another call held the loop
@@ -158,8 +164,14 @@ IDLE_SHARE = 0.05
 the GIL another thread held (it wakes only to ask for it, every switch interval)."""
 
 
+GIL_LOOKS = 3
+"""At most this many late looks in a `gil` block: a native call holding the GIL lets the watchdog look once,
+as it lets go; many late looks are a loaded machine making the watchdog wait for a core."""
+
+
 def classify(
-    duration: float, demand_s: float | None, starved_s: float, importing: bool, gc_s: float = 0.0
+    duration: float, demand_s: float | None, starved_s: float, importing: bool, gc_s: float = 0.0,
+    late_looks: int = 0,
 ) -> BlockKind:
     """The kind of a block, from the loop thread's demand for CPU and whether the watchdog could run at all.
 
@@ -177,7 +189,7 @@ def classify(
     if demand_s is None:
         return "unknown"
     busy = demand_s >= CPU_SHARE * duration
-    if starved_s * 2 >= duration and demand_s >= IDLE_SHARE * duration:
+    if starved_s * 2 >= duration and demand_s >= IDLE_SHARE * duration and late_looks <= GIL_LOOKS:
         return "gil"
     return "cpu" if busy else "wait"
 
@@ -268,6 +280,8 @@ class Detector:
         block = self._block
         if block is not None and block.count == count:
             sample = self.sampler()
+            if sample is not None and self.hb.beat[0] != count:
+                sample = None  # the loop beat while this look waited for the GIL: it shows what ran after the block
             if sample is not None:
                 block.add(sample, starved, now)
                 block.account(sample.stack, now, self.demand_clock())
@@ -351,7 +365,7 @@ class Detector:
         starved_s = self._starved_in(start, end)
         gc_s = min(lag, self.gc_time(start, end))
         profile = summarize(block.samples)
-        kind = classify(lag, demand_s, starved_s, profile.importing, gc_s)
+        kind = classify(lag, demand_s, starved_s, profile.importing, gc_s, block.late_looks)
         kind = self._kind_of_hottest(block, kind)
         common = dict(lag=lag, cpu_s=cpu_s, now=now, end=end, taken=block.taken, gc_s=gc_s)
         elsewhere = self._held_elsewhere(block, kind, lag, demand_s, starved_s, start, end)
@@ -379,7 +393,7 @@ class Detector:
         demand_s = lag * min(1.0, max(0.0, run.used / run.wall)) if run.wall > 0 else cpu_s
         gc_s = min(lag, self.gc_time(start, end))
         profile = summarize(run.samples)
-        kind = classify(lag, demand_s, self._starved_in(start, end), profile.importing, gc_s)
+        kind = classify(lag, demand_s, self._starved_in(start, end), profile.importing, gc_s, run.late_looks)
         frames = () if kind in ("gil", "gc") else profile.stack
         event = self._event(
             kind, lag=lag, cpu_s=cpu_s, now=now, end=end, frames=frames, call=run.call, taken=run.count,

@@ -50,9 +50,9 @@ HOUSEKEEPING = 1.0
 """Seconds between the watchdog's looks while the loop beats, when a stall timer wakes it for blocks."""
 
 
-RUN_SAMPLES = 128
+RUN_SAMPLES = 64
 """Samples kept per run of one call inside a block (the rest are counted)."""
-MAX_RUNS = 256
+MAX_RUNS = 128
 """Runs kept per block; later ones join the last (a block of more calls back to back than that)."""
 
 
@@ -98,8 +98,6 @@ class _Block:
     taken: int = 0
     late_looks: int = 0
     """Samples taken late (the watchdog could not run when due): one per native call that held the GIL."""
-    votes: dict[int, int] = field(default_factory=dict)
-    announced: bool = False
     last: tuple[float, float] | None = None
     """(time, demand) at the previous sample."""
     spent: dict[tuple[Any, ...], list[float]] = field(default_factory=dict)
@@ -136,8 +134,6 @@ class _Block:
         if not starved:
             self.honest_calls[call_key(sample.call) if sample.call is not None else 0] = sample.call
         key = call_key(sample.call) if sample.call is not None else 0
-        if sample.call is not None:
-            self.votes[key] = self.votes.get(key, 0) + 1
         if not self.runs or (self.runs[-1].key != key and len(self.runs) < MAX_RUNS):
             self.runs.append(_Run(key, sample.call, now, now))
         self.runs[-1].add(sample, now)
@@ -316,7 +312,6 @@ class Detector:
             return  # the collector's so far: no call to tell about yet
         holder = block.holder(self.hb.threshold / 2)
         if holder is not None:
-            block.announced = True
             if len(block.runs) > 1:
                 elapsed = now - run.first
             importing = sum(1 for s in run.samples if is_import(s.stack)) * 2 > len(run.samples)

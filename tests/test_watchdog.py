@@ -38,6 +38,7 @@ class World:
             gc_time=self.gc.within,
             emit=lambda e, c: self.events.append((e, c)),
             blocking=lambda c, elapsed, importing, stack: self.announced.append(c),
+            tool_home=lambda c: "/app/",  # where the tools are defined (TOOL_STACK's application)
         )
         self.detector.timer = timer  # as a Watchdog with a stall timer sets it
 

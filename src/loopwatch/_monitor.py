@@ -292,7 +292,8 @@ class Monitor:
 
     def _tool_home(self, call: CallRecord) -> str | None:
         """The server's own code for blame: where the blamed tool's function is defined (None: unknown)."""
-        file = self.tool_file(call.label) if call.label else None
+        name = call.label or call.tool  # a record read from the SDK's own frame has no label
+        file = self.tool_file(name) if name else None
         return home_of(file) if file else None
 
     def _on_block(self, event: BlockEvent, call: CallRecord | None = None) -> None:

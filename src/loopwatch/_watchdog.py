@@ -24,12 +24,10 @@ from ._blame import (
     Sample,
     call_key,
     culprit_frame,
-    home_of,
     is_import,
     is_own,
     sample_frame,
     summarize,
-    tool_frame,
 )
 from ._events import BlockEvent, BlockKind, Frame
 from ._sentinel import Clock, Heartbeat
@@ -512,12 +510,8 @@ class Detector:
         into another call, or past the tool into the framework; then it names nothing rather than a wrong line."""
         if sample.call is None:
             return False
-        frames = _frames(sample.stack)
-        home = self._home(sample.call)
-        if home is None:
-            entry = tool_frame(frames)
-            home = home_of(entry.file) if entry is not None else None
-        return home is not None and any(is_own(frame.file, home) for frame in frames)
+        home = self._home(sample.call)  # from where the tool is defined: a stack can't tell (a client in-process)
+        return home is not None and any(is_own(file, home) for file, _, _ in sample.stack)
 
     def _home(self, call: CallRecord | None) -> str | None:
         if call is None:

@@ -134,9 +134,13 @@ async def test_an_offloaded_native_call_starving_the_loop_is_blamed_on_it(anyio_
 async def test_a_collection_an_offloaded_tool_triggers_is_blamed_on_it(anyio_backend):
     import gc
 
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
     server = fresh("blame_server", "mcp")
     handle = loopwatch.instrument(
-        server, threshold=0.1, log_blocks=False, traces=False, tool_policies={"churn": "always"}
+        server, threshold=0.1, log_blocks=False, traces=False, tool_policies={"churn": "always"},
+        metrics_registry=registry,
     )
     gc.collect()
     async with client_for(server) as client:
@@ -149,6 +153,12 @@ async def test_a_collection_an_offloaded_tool_triggers_is_blamed_on_it(anyio_bac
     assert {e.tool for e in charged} == {"churn"}
     assert "in the thread of tools/call churn" in charged[0].describe()
     assert handle.snapshot()["tools"]["churn"]["blocks"] == len(charged)
+    counted = [
+        s.value for m in registry.collect() for s in m.samples
+        if s.name == "loopwatch_event_loop_blocks_total" and s.labels.get("gen_ai_tool_name") == "churn"
+        and s.labels.get("kind") == "gc"
+    ]
+    assert sum(counted) == len(charged)  # the metrics charge the tool too
     assert blocks(handle, "ping") == []
 
 

@@ -120,8 +120,9 @@ async def trial(client: Any, module: Any, tool: str, honest: int) -> None:
 
 
 async def run_backend(rounds: int, honest: int, exporter: Any) -> dict[str, Any]:
-    import loopwatch
     from mcp import Client
+
+    import loopwatch
 
     module = load_server()
     module.URL["value"] = start_http()

@@ -124,7 +124,6 @@ def test_a_deep_stack_keeps_the_tools_frame_and_the_leafs_side_and_says_how_many
 
 def test_loopwatchs_own_frames_are_never_the_leaf():
     import loopwatch._gc as own
-
     from loopwatch._blame import drop_own_leaf
 
     app = ("/srv/app/server.py", 10, "convert")

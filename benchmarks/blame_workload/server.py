@@ -3,7 +3,6 @@
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 
 import anyio

@@ -379,7 +379,8 @@ class Detector:
             released_at = frames[-1] if frames else None
             self.emit(self._event(kind, frames=frames, call=call, module=None, released_at=released_at, **common), call)
             return
-        self.emit(self._event(kind, frames=profile.stack, call=profile.call, module=profile.module, **common), profile.call)
+        event = self._event(kind, frames=profile.stack, call=profile.call, module=profile.module, **common)
+        self.emit(event, profile.call)
 
     def _report_part(self, run: _Run, start: float, end: float, cpu_s: float | None, now: float) -> None:
         lag = end - start
@@ -451,7 +452,9 @@ class Detector:
             return "gil", (), next(iter(ran.values()))
         return None  # none, or several offloaded calls at once: the watchdog can't tell which one it was
 
-    def _gc_elsewhere(self, block: _Block, start: float, end: float) -> tuple[BlockKind, tuple[Frame, ...], CallRecord] | None:
+    def _gc_elsewhere(
+        self, block: _Block, start: float, end: float
+    ) -> tuple[BlockKind, tuple[Frame, ...], CallRecord] | None:
         by_thread: dict[int, float] = {}
         calls: dict[int, tuple[Any, ...]] = {}
         for seconds, thread, running in self.gc_holders(start, end):
@@ -465,7 +468,8 @@ class Detector:
         if thread == self.loop_thread or len({call_key(c) for c in running}) != 1:
             return None
         call = running[0]
-        seen = [s for sample in block.samples for s in sample.elsewhere if s.call is not None and call_key(s.call) == call_key(call)]
+        key = call_key(call)
+        seen = [s for sample in block.samples for s in sample.elsewhere if s.call and call_key(s.call) == key]
         return "gc", (_frames(seen[0].stack) if seen else ()), call
 
     @staticmethod
@@ -547,7 +551,9 @@ def thread_sampler(thread_id: int) -> Sampler:
         loop = sample_frame(frames.get(thread_id))
         if loop is None or not OFFLOADED_CALLS:
             return loop
-        others = tuple(s for t in list(OFFLOADED_CALLS) if t != thread_id and (s := sample_frame(frames.get(t))) is not None)
+        others = tuple(
+            s for t in list(OFFLOADED_CALLS) if t != thread_id and (s := sample_frame(frames.get(t))) is not None
+        )
         return replace(loop, elsewhere=others) if others else loop
 
     return sample

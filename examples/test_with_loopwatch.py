@@ -55,7 +55,7 @@ async def test_reindex_blocks_and_is_blamed() -> None:
         async with Client(server) as client:
             await client.call_tool("reindex", {})
     assert blocks.tools() == ["reindex"]
-    assert blocks[0].culprit is not None and blocks[0].culprit.function == "reindex"
+    assert blocks[0].culprit is not None and blocks[0].culprit.function == "rebuild_index"  # the sleep's line
 
 
 @pytest.mark.anyio

@@ -190,10 +190,12 @@ async def test_lw_where_names_the_tool_and_line_that_block_the_loop_while_it_is_
     where, stall_line = seen["where"], line_of("# STALL-CALL")
     assert "BLOCKED for" in where
     assert "serving    tools/call stall (request" in where
-    assert f"-> {__file__}:{stall_line} in stall" in where
+    hold_line = line_of("# the loop is blocked here")  # the line to fix: the innermost of the test's own code
+    assert f"-> {__file__}:{hold_line} in hold" in where
     assert "BLOCKED" in seen["lag"]
     assert "stall" in seen["tools"]  # in flight: the row exists while the call is still running
-    assert "by tools/call stall" in blocks and f"test_aiomonitor.py:{stall_line} in stall" in blocks
+    assert "by tools/call stall" in blocks and f"test_aiomonitor.py:{hold_line} in hold" in blocks
+    assert f"test_aiomonitor.py:{stall_line} in stall" in blocks  # the tool's own frame, in the stack shown
     row = next(line.split() for line in tools.splitlines() if line.startswith("stall"))
     assert row[1] == "1" and row[6] == "1" and row[-1] == "loop"  # calls, blocks, runs on
 

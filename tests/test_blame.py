@@ -34,13 +34,13 @@ def test_no_frame_is_no_sample():
     assert sample_frame(None) is None
 
 
-def test_the_culprit_is_the_application_frame_that_called_into_the_leaf():
+def test_the_culprit_is_the_innermost_frame_of_the_applications_own_code():
     stack = [
         Frame(f"{SITE}/mcp/server/runner.py", 210, "_inner"),
         Frame("/srv/app/server.py", 15, "lookup"),
         Frame("/srv/app/legacy.py", 8, "fetch_record"),
     ]
-    assert culprit_frame(stack) == Frame("/srv/app/server.py", 15, "lookup")
+    assert culprit_frame(stack) == Frame("/srv/app/legacy.py", 8, "fetch_record")
 
 
 def test_the_culprit_skips_stdlib_frames_at_the_leaf():
@@ -88,3 +88,70 @@ def test_arguments_are_read_only_from_the_request_params():
     assert record.arguments() == {"token": "secret"}
     assert record.transport() == "pipe"
     assert record.session_id() is None
+
+
+def _serve_deep(record, depth):
+    _lw_call = record  # noqa: F841 - read by blame through the frame
+    return _recurse(depth)
+
+
+def _recurse(depth):
+    return _recurse(depth - 1) if depth else sample_frame(sys._getframe())
+
+
+register_call_frame(_serve_deep.__code__)
+
+
+def test_a_call_far_below_the_tool_is_still_found():
+    record = CallRecord("tools/call", "deep", 4, ctx=None)
+    sample = _serve_deep(record, 400)  # a blocker 400 frames below the call's frame
+    assert sample.call is record
+    assert sample.stack[-1][2] == "_recurse"
+
+
+def test_a_deep_stack_keeps_the_tools_frame_and_the_leafs_side_and_says_how_many_were_left_out():
+    from loopwatch._blame import MAX_DEPTH, OMITTED, bound_stack
+
+    runner = [(f"{SITE}/mcp/server/runner.py", n, "_on_request") for n in range(40)]
+    tool = [("/srv/app/server.py", 15, "lookup")]
+    deep = [("/srv/app/walk.py", n, "walk") for n in range(500)]
+    kept = bound_stack(runner + tool + deep)
+    assert len(kept) <= MAX_DEPTH
+    assert tool[0] in kept and kept[-1] == deep[-1] and kept[0] == runner[0]
+    omitted = [frame for frame in kept if frame[0] == OMITTED]
+    assert sum(count for _, count, _ in omitted) == len(runner + tool + deep) - (len(kept) - len(omitted))
+
+
+def test_loopwatchs_own_frames_are_never_the_leaf():
+    import loopwatch._gc as own
+    from loopwatch._blame import drop_own_leaf
+
+    app = ("/srv/app/server.py", 10, "convert")
+    assert drop_own_leaf([app, (own.__file__, 40, "_callback")]) == [app]
+    demo = ("/x/site-packages/loopwatch/demo/server.py", 5, "lookup")
+    assert drop_own_leaf([app, demo]) == [app, demo]  # the demo is application code
+
+
+def test_an_installed_servers_own_code_is_its_package_and_a_venv_inside_an_app_is_not_the_apps():
+    from loopwatch._blame import home_of, is_own, short_path
+
+    home = home_of(f"{SITE}/fetchsrv/server.py")
+    assert home == f"{SITE}/fetchsrv/"
+    assert is_own(f"{SITE}/fetchsrv/parse/html.py", home)
+    assert not is_own(f"{SITE}/readabilipy/simple_json.py", home)
+    assert not is_own("/srv/app/.venv/lib/python3.11/site-packages/requests/api.py", home_of("/srv/app/server.py"))
+    assert short_path(f"{SITE}/regex/_main.py") == "regex/_main.py"
+    assert short_path(sys.modules["json"].__file__) == "json/__init__.py"
+    assert short_path("/srv/app/server.py") == "server.py"
+
+
+def test_the_culprit_given_the_tools_home_is_the_innermost_own_frame_not_a_librarys():
+    stack = [
+        Frame(f"{SITE}/mcp/server/runner.py", 210, "_on_request"),
+        Frame(f"{SITE}/fetchsrv/server.py", 494, "fetch"),
+        Frame(f"{SITE}/fetchsrv/server.py", 368, "extract_content_from_html"),
+        Frame(f"{SITE}/markdownify/__init__.py", 100, "convert"),
+        Frame(f"{SITE}/regex/_main.py", 288, "sub"),
+    ]
+    assert culprit_frame(stack) == stack[2]  # from the tool's frame in the stack
+    assert culprit_frame(stack, f"{SITE}/fetchsrv/") == stack[2]

@@ -97,13 +97,37 @@ def test_a_listener_that_raises_is_logged_and_dropped_and_the_others_still_run(c
     assert sum("listener" in r.message for r in caplog.records) == 1
 
 
-def test_with_a_library_leaf_the_line_also_names_the_applications_own_line():
+def test_with_a_library_leaf_the_line_names_the_applications_own_innermost_line():
     import socket
+
+    from loopwatch._blame import culprit_frame
 
     frames = (
         Frame("/srv/server.py", 35, "price"),
         Frame("/srv/catalog_lib.py", 78, "fetch_price"),
         Frame(socket.__file__, 706, "readinto"),
     )
-    line = block(frames=frames, culprit=frames[0]).describe()
-    assert line.endswith("at socket.py:706 in readinto <- catalog_lib.py:78 in fetch_price <- server.py:35 in price")
+    line = block(frames=frames, culprit=culprit_frame(frames)).describe()
+    assert line.endswith("at socket.py:706 in readinto <- catalog_lib.py:78 in fetch_price")
+
+
+def test_repeated_blocks_of_one_kind_for_one_tool_are_one_line_then_one_line_with_a_count(caplog):
+    import logging
+
+    from loopwatch._events import BlockLog
+
+    now = [0.0]
+    log = BlockLog(window=10.0, clock=lambda: now[0])
+    gc_block = BlockEvent(time=0.0, duration_s=0.2, kind="gc", tool="convert", method="tools/call", request_id="3",
+                          session_id=None, cpu_s=0.0, samples=0, gc_s=0.2, offloaded=True)
+    with caplog.at_level(logging.WARNING, logger="loopwatch"):
+        for _ in range(14):
+            log(gc_block)
+            now[0] += 0.2
+        log(block())  # another tool (and kind): its own line
+        now[0] += 10.0
+        log.flush()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3
+    assert lines[0].startswith("loop blocked 200 ms [gc]: the garbage collector ran 200 ms of it, in the thread of")
+    assert lines[2] == "loop blocked 13 more times [gc] by tools/call convert (offloaded) in the 10 s after it (2600 ms in all)"

@@ -32,9 +32,10 @@ ASYNCIO = pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyn
 SERVERS = [("inventory_server", "mcp"), ("low_server", "server"), ("fm_server", "app")]
 # Where each fixture's `lookup` blocks: the application line the block is blamed on.
 BLOCKING_LINE = {
-    "inventory_server": ("lookup", "record = legacy.fetch_record(sku)"),
-    "low_server": ("call_tool", "time.sleep(0.3)"),
-    "fm_server": ("lookup", "time.sleep(0.3)"),
+    # The blocking line in the application: for inventory_server, the sleep in its own helper module.
+    "inventory_server": ("legacy", "fetch_record", "time.sleep(delay)"),
+    "low_server": ("low_server", "call_tool", "time.sleep(0.3)"),
+    "fm_server": ("fm_server", "lookup", "time.sleep(0.3)"),
 }
 TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
 PARENT_ID = 0xB7AD6B7169203331
@@ -124,22 +125,22 @@ async def test_a_block_is_an_event_on_the_blamed_calls_span_and_a_back_dated_chi
     (block,) = [b for b in blocks if b.tool == "lookup"]
     (call_span,) = server_spans(done, "tools/call lookup")
     (event,) = [e for e in call_span.events if e.name == "loopwatch.loop_blocked"]
-    function, statement = BLOCKING_LINE[module]
+    where, function, statement = BLOCKING_LINE[module]
     assert event.timestamp == ns(block.time)
     assert event.attributes["loopwatch.duration_s"] == block.duration_s
     assert event.attributes["loopwatch.kind"] == block.kind
     assert event.attributes["code.function.name"] == function
-    assert event.attributes["code.file.path"] == str(FIXTURES / f"{module}.py")
-    assert event.attributes["code.line.number"] == line_of(module, statement)
+    assert event.attributes["code.file.path"] == str(FIXTURES / f"{where}.py")
+    assert event.attributes["code.line.number"] == line_of(where, statement)
     assert event.attributes["code.stacktrace"] == format_stack(block.frames)
-    assert f'{module}.py", line {line_of(module, statement)}, in {function}' in event.attributes["code.stacktrace"]
+    assert f'{where}.py", line {line_of(where, statement)}, in {function}' in event.attributes["code.stacktrace"]
     assert call_span.attributes["loopwatch.loop_blocked_s"] == block.duration_s
 
     (blocked,) = [s for s in done if s.name == "event_loop.blocked" and s.parent == call_span.context]
     assert blocked.context.trace_id == call_span.context.trace_id
     assert blocked.start_time == ns(block.time)
     assert blocked.end_time - blocked.start_time == round(block.duration_s * 1e9)
-    assert blocked.attributes["code.line.number"] == line_of(module, statement)
+    assert blocked.attributes["code.line.number"] == line_of(where, statement)
 
 
 @ASYNCIO

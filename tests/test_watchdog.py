@@ -38,6 +38,7 @@ class World:
             gc_time=self.gc.within,
             emit=lambda e, c: self.events.append((e, c)),
             blocking=lambda c, elapsed, importing, stack: self.announced.append(c),
+            tool_home=lambda c: "/app/",  # where the tools are defined (TOOL_STACK's application)
         )
         self.detector.timer = timer  # as a Watchdog with a stall timer sets it
 
@@ -142,7 +143,11 @@ def test_a_gil_block_keeps_the_call_seen_before_the_gil_was_taken():
     [(event, _)] = w.events
     assert event.kind == "gil"
     assert event.tool == "native"
-    assert event.frames == ()
+    # The look right as the GIL came back shows the native call that held it: its frames, marked as such.
+    assert [f.line for f in event.frames] == [15, 8]
+    assert event.released_at == event.frames[-1]
+    assert event.to_dict()["released_at"]["line"] == 8
+    assert "a native call at legacy.py:8 in fetch_record held the GIL (6 samples)" in event.describe()
 
 
 def test_a_block_inside_an_import_is_an_import_block_naming_the_module_and_the_import_line():
@@ -202,8 +207,9 @@ def test_a_crunch_then_a_sleep_with_no_beat_between_is_the_kind_of_the_stack_rep
     w = World()
     w.healthy()
     start = w.now
-    crunch = Sample((("/app/server.py", 30, "warm_cache"),), call("lookup"))
-    sleep = Sample(TOOL_STACK, call("lookup"))
+    record = call("lookup")  # one call: its samples share its record
+    crunch = Sample((("/app/server.py", 30, "warm_cache"),), record)
+    sleep = Sample(TOOL_STACK, record)
     while w.now < start + 0.5 - 1e-9:
         w.now += 0.01
         busy = w.now < start + 0.2
@@ -546,3 +552,243 @@ def test_without_a_descriptor_for_its_pipe_the_watchdog_looks_on_a_schedule(monk
         assert not dog.is_alive() and detector.polls >= 1
     finally:
         timer.close()
+
+
+# -- issue 16, 21: the line to fix, the evidence for the kind, who held the GIL, back-to-back calls -------------
+
+
+def test_a_block_with_a_late_first_look_and_several_samples_is_cpu_not_gil():
+    """A busy machine made the first look 60 ms late; the watchdog then sampled the crunch eight times: it
+    could sample, so the block is not `gil` (the lateness before the first look was counted as GIL time)."""
+    w = World(timer=True)
+    w.beating(1.0)
+    w.detector.poll()
+    w.beating(0.3)
+    last_beat = w.now
+    w.sample = Sample(TOOL_STACK, call("parse"))
+    w.now = last_beat + 0.17  # the timer fired at +0.11; the watchdog ran at +0.17
+    w.cpu += 0.17
+    w.detector.poll()
+    w.run(0.08, cpu_share=1.0)
+    w.now += 0.01
+    w.cpu += 0.01
+    w.beat(lag=w.now - last_beat - 0.01)
+    w.detector.poll()
+    [(event, _)] = w.events
+    assert (event.kind, event.tool) == ("cpu", "parse")
+
+
+def test_a_gil_block_without_a_sample_says_how_many_samples_there_were():
+    w = World()
+    w.healthy()
+    w.block(0.5, cpu_share=1.0, watchdog_runs=False)
+    w.healthy(0.03)
+    [(event, _)] = w.events
+    assert event.kind == "gil" and event.released_at is None
+    assert event.describe().endswith(": the watchdog could not sample (0 samples), a native call held the GIL")
+
+
+def test_the_culprit_is_decided_from_where_the_blamed_tool_is_defined():
+    site = "/venv/lib/python3.11/site-packages"
+    stack = (
+        (f"{site}/mcp/server/runner.py", 210, "_on_request"),
+        (f"{site}/fetchsrv/server.py", 494, "fetch"),
+        (f"{site}/fetchsrv/server.py", 368, "extract_content_from_html"),
+        (f"{site}/readabilipy/simple_json.py", 60, "simple_json_from_html_string"),
+        (f"{site}/regex/_main.py", 288, "sub"),
+    )
+    w = World()
+    w.detector.tool_home = lambda c: f"{site}/fetchsrv/"
+    w.healthy()
+    w.block(0.3, cpu_share=1.0, sample=Sample(stack, call("fetch")))
+    w.healthy(0.03)
+    [(event, _)] = w.events
+    assert (event.culprit.file, event.culprit.line) == (f"{site}/fetchsrv/server.py", 368)
+    assert event.describe().endswith(
+        "at regex/_main.py:288 in sub <- fetchsrv/server.py:368 in extract_content_from_html"
+    )
+
+
+def off_call(tool="convert", request_id=9):
+    record = call(tool, request_id)
+    record.execution = "thread"
+    return record
+
+
+def test_a_loop_waiting_for_the_gil_an_offloaded_call_holds_is_blamed_on_that_call():
+    w = World()
+    w.healthy()
+    convert = off_call()
+    worker = Sample((("/app/convert.py", 12, "convert"),), convert)
+    start = w.now
+    w.now += 0.5  # neither the loop thread nor the watchdog could run: the worker held the GIL
+    w.cpu += 0.001
+    w.sample = Sample((("/usr/lib/python3.11/asyncio/selectors.py", 468, "select"),), None, elsewhere=(worker,))
+    w.detector.poll()
+    w.now += 0.01
+    w.beat(lag=w.now - start - 0.01)
+    w.healthy(0.03)
+    [(event, blamed)] = w.events
+    assert (event.kind, event.tool, event.offloaded, blamed) == ("gil", "convert", True, convert)
+    assert event.describe() == (
+        "loop blocked 500 ms [gil]: the loop waited for the GIL held by tools/call convert (request 9) "
+        "(offloaded) at convert.py:12 in convert"
+    )
+
+
+def test_a_loop_that_ran_its_own_native_call_is_not_blamed_on_an_offloaded_one():
+    w = World()
+    w.healthy()
+    worker = Sample((("/app/convert.py", 12, "convert"),), off_call())
+    native = call("native")
+    start = w.now
+    w.now += 0.5
+    w.cpu += 0.5  # the loop thread was the one running
+    w.sample = Sample(TOOL_STACK, native, elsewhere=(worker,))
+    w.detector.poll()
+    w.now += 0.01
+    w.beat(lag=w.now - start - 0.01)
+    w.healthy(0.03)
+    [(event, blamed)] = w.events
+    assert (event.kind, event.tool, event.offloaded, blamed) == ("gil", "native", False, native)
+
+
+def test_without_a_sample_the_one_offloaded_call_running_is_blamed_and_two_are_not():
+    for running, expected in (([off_call()], "convert"), ([off_call(), off_call("other", 10)], None)):
+        w = World()
+        w.detector.offloaded_during = lambda start, end, running=running: running
+        w.healthy()
+        w.block(0.4, cpu_share=0.001, watchdog_runs=False)
+        w.healthy(0.03)
+        [(event, _)] = w.events
+        assert event.tool == expected
+
+
+def test_a_collection_an_offloaded_calls_thread_ran_is_blamed_on_that_call():
+    w = World()
+    w.detector.loop_thread = 1
+    churn = off_call("churn")
+    w.detector.gc_holders = w.gc.holders
+    w.healthy()
+    start = w.now
+    w.now += 0.01
+    began = w.now
+    w.now += 0.3
+    w.gc.note(began, w.now, thread=2, calls=(churn,))
+    w.now += 0.01
+    w.beat(lag=w.now - start - 0.01)
+    w.healthy(0.03)
+    [(event, blamed)] = w.events
+    assert (event.kind, event.tool, event.offloaded, blamed) == ("gc", "churn", True, churn)
+    assert "the garbage collector ran 300 ms of it, in the thread of tools/call churn" in event.describe()
+
+
+def test_a_collection_the_loop_thread_ran_stays_the_heaps():
+    w = World()
+    w.detector.loop_thread = 1
+    w.detector.gc_holders = w.gc.holders
+    w.healthy()
+    start = w.now
+    w.now += 0.01
+    began = w.now
+    w.now += 0.3
+    w.gc.note(began, w.now)  # no thread noted: not one serving offloaded calls
+    w.now += 0.01
+    w.beat(lag=w.now - start - 0.01)
+    w.healthy(0.03)
+    [(event, blamed)] = w.events
+    assert (event.kind, event.tool, event.offloaded, blamed) == ("gc", None, False, None)
+
+
+@pytest.mark.parametrize("calls", [2, 3, 20])
+def test_calls_blocking_back_to_back_are_each_their_own_block(calls):
+    w = World()
+    w.healthy()
+    records = [call(f"t{i}", i) for i in range(calls)]
+    start = w.now
+    for record in records:  # each blocks 200 ms; no beat between them
+        w.sample = Sample(TOOL_STACK, record)
+        w.run(0.2, cpu_share=0.01)
+    w.now += 0.01
+    w.beat(lag=w.now - start - 0.01)
+    w.healthy(0.03)
+    assert [blamed for _, blamed in w.events] == records
+    assert all(e.kind == "wait" and abs(e.duration_s - 0.2) <= 0.011 for e, _ in w.events)
+    assert abs(sum(e.duration_s for e, _ in w.events) - 0.2 * calls) < 1e-6
+    assert w.announced == records  # each announced as it held the loop: the offloader counts every one
+
+
+def test_a_short_sample_of_another_call_inside_a_block_does_not_split_it():
+    w = World()
+    w.healthy()
+    blocker, honest = call("lookup", 1), call("ping", 2)
+    start = w.now
+    w.sample = Sample(TOOL_STACK, blocker)
+    w.run(0.15, cpu_share=0.01)
+    w.sample = Sample(TOOL_STACK, honest)  # one look caught an honest call's step
+    w.run(0.01, cpu_share=0.01)
+    w.sample = Sample(TOOL_STACK, blocker)
+    w.run(0.15, cpu_share=0.01)
+    w.now += 0.01
+    w.beat(lag=w.now - start - 0.01)
+    w.healthy(0.03)
+    [(event, blamed)] = w.events
+    assert blamed is blocker and event.duration_s == round(w.now - 0.03 - start - 0.01, 6)
+    assert w.announced == [blocker]
+
+
+def test_a_look_as_the_gil_came_back_outside_the_shown_calls_own_code_names_nothing():
+    """Another thread took the GIL first and the loop thread ran on, past an honest tool into the framework,
+    before the watchdog got it: that look is not where the native call was, so no frame and no call."""
+    w = World()
+    w.healthy()
+    site = "/venv/lib/python3.11/site-packages"
+    elsewhere = ((f"{site}/mcp/server/runner.py", 210, "_on_request"),
+                 (f"{site}/mcp/server/mcpserver/utilities/func_metadata.py", 653, "_convert_to_content"))
+    start = w.now
+    w.now += 0.5
+    w.cpu += 0.5
+    w.sample = Sample(elsewhere, call("ping"))
+    w.detector.poll()
+    w.now += 0.01
+    w.beat(lag=w.now - start - 0.01)
+    w.healthy(0.03)
+    [(event, blamed)] = w.events
+    assert (event.kind, event.frames, event.released_at, event.tool, blamed) == ("gil", (), None, None, None)
+
+
+def test_a_crunch_the_watchdog_kept_looking_at_late_is_cpu_a_loaded_machine_not_the_gil():
+    """Every look came 60 ms late (the watchdog waited for a core, not for the GIL): many looks is no GIL."""
+    w = World()
+    w.healthy()
+    start = w.now
+    w.sample = Sample(TOOL_STACK, call("crunch"))
+    while w.now < start + 1.0:
+        w.now += 0.07
+        w.cpu += 0.07
+        w.detector.poll()
+        w.detector._due = w.now  # it meant to look again at once
+    w.now += 0.01
+    w.beat(lag=w.now - start - 0.01)
+    w.healthy(0.03)
+    [(event, _)] = w.events
+    assert (event.kind, event.tool) == ("cpu", "crunch")
+
+
+def test_a_look_taken_after_the_loop_beat_again_is_not_a_sample_of_the_block():
+    w = World()
+    w.healthy()
+    start = w.now
+    w.now += 0.3
+    w.cpu += 0.001
+
+    def late_sampler():  # the loop ran on and beat while the look waited for the GIL
+        w.beat(lag=w.now - start)
+        return Sample((("/srv/_sentinel.py", 99, "beat"),), None)
+
+    w.detector.sampler = late_sampler
+    w.detector.poll()
+    w.detector.sampler = lambda: None
+    w.healthy(0.03)
+    [(event, _)] = w.events
+    assert event.frames == () and event.samples == 0

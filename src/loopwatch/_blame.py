@@ -7,10 +7,13 @@ as a call frame and reading its `_lw_call` local.
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import sysconfig
-from collections import Counter
+import threading
+import time
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import CodeType, FrameType
@@ -19,6 +22,12 @@ from typing import Any
 from ._events import REPORT_TEXT_MAX, Frame, report_text
 
 MAX_DEPTH = 128
+"""Frames kept of a sampled stack: the outermost `OUTER_KEPT` inward of the loop's dispatch (the tool's own
+frame among them) and the innermost rest (the leaf's side); the walk to find the call goes on to the root."""
+OUTER_KEPT = 32
+MAX_WALK = 100_000
+"""Frames walked at most looking for the call being served (a recursion limit raised that far)."""
+OMITTED = "<loopwatch: frames omitted>"
 CALL_LOCAL = "_lw_call"
 TOOL_NAME_MAX = REPORT_TEXT_MAX
 """Characters of a client-sent tool name kept in reports."""
@@ -85,28 +94,77 @@ class Sample:
     stack: tuple[RawFrame, ...]
     call: CallRecord | None
     module: str | None = None
+    elsewhere: tuple[Sample, ...] = ()
+    """Samples of the threads running offloaded calls, taken at the same moment."""
 
 
 def sample_frame(leaf: FrameType | None) -> Sample | None:
-    """Read a frame chain (from `sys._current_frames()`) into a Sample. None when there is no frame."""
+    """Read a frame chain (from `sys._current_frames()`) into a Sample. None when there is no frame.
+
+    The call is found however deep the stack is; the frames kept are bounded (`bound_stack`)."""
     if leaf is None:
         return None
     raw: list[RawFrame] = []
     call: CallRecord | None = None
+    call_at = -1
     module: str | None = None
     frame: FrameType | None = leaf
-    while frame is not None and len(raw) < MAX_DEPTH:
+    while frame is not None and len(raw) < MAX_WALK:
         code = frame.f_code
         raw.append((code.co_filename, frame.f_lineno or 0, code.co_name))
         if call is None:
             reader = _call_codes.get(code)
             if reader is not None:
                 call = reader(frame)
+                call_at = len(raw) - 1
         if code.co_name == "_find_and_load" and code.co_filename.startswith("<frozen importlib"):
             module = _read_local(frame, "name") or module
         frame = frame.f_back
     raw.reverse()
-    return Sample(tuple(trim_to_task(raw)), call, module)
+    task = trim_to_task(raw)
+    anchor = None if call_at < 0 else len(raw) - 1 - call_at - (len(raw) - len(task))
+    return Sample(bound_stack(drop_own_leaf(task), anchor=anchor), call, module)
+
+
+def bound_stack(raw: Sequence[RawFrame], depth: int = MAX_DEPTH, anchor: int | None = None) -> tuple[RawFrame, ...]:
+    """At most `depth` frames: the root's first few; from the call's frame (`anchor`) to a few frames past the
+    tool's own (the first frame inward of it that is not the framework's); the innermost rest (the leaf's
+    side); a marker where frames were left out, saying how many."""
+    if len(raw) <= depth:
+        return tuple(raw)
+    start = anchor if anchor is not None and 0 <= anchor < len(raw) else 0
+    tool = next((i for i in range(start, len(raw)) if not is_framework(raw[i][0])), start)
+    end = min(len(raw), tool + 8)
+    if end - start > OUTER_KEPT:  # a long framework chain between the call's frame and the tool: its two ends
+        ranges = [(0, min(4, start)), (start, start + 8), (end - OUTER_KEPT + 9, end)]
+    else:
+        ranges = [(0, min(4, start)), (start, end)]
+    room = depth - sum(b - a for a, b in ranges) - len(ranges)
+    ranges.append((max(end, len(raw) - room), len(raw)))
+    kept: list[RawFrame] = []
+    last = 0
+    for a, b in ranges:
+        if a > last:
+            kept.append((OMITTED, a - last, "..."))
+        kept.extend(raw[max(a, last) : b])
+        last = max(last, b)
+    return tuple(kept)
+
+
+def drop_own_leaf(raw: Sequence[RawFrame]) -> Sequence[RawFrame]:
+    """Without loopwatch's own frames at the leaf (its gc callback, its sampler): never a leaf or a culprit."""
+    end = len(raw)
+    while end > 0 and is_loopwatch(raw[end - 1][0]):
+        end -= 1
+    return raw[:end] if end < len(raw) else raw
+
+
+_HERE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def is_loopwatch(file: str) -> bool:
+    """loopwatch's own code (its demo is application code)."""
+    return file.startswith(_HERE) and _DEMO not in file
 
 
 def _read_local(frame: FrameType, name: str) -> Any:
@@ -119,6 +177,64 @@ def _read_local(frame: FrameType, name: str) -> Any:
 def _read_call(frame: FrameType) -> CallRecord | None:
     value = _read_local(frame, CALL_LOCAL)
     return value if isinstance(value, CallRecord) else None
+
+
+def current_call() -> CallRecord | None:
+    """On the loop, in a call's task: the call being served, as the watchdog would read it."""
+    frame: FrameType | None = sys._getframe(1)
+    depth = 0
+    while frame is not None and depth < MAX_WALK:
+        reader = _call_codes.get(frame.f_code)
+        if reader is not None:
+            call = reader(frame)
+            if call is not None:
+                return call
+        frame, depth = frame.f_back, depth + 1
+    return None
+
+
+OFFLOADED_CALLS: dict[int, list[CallRecord | None]] = {}
+"""Thread id -> the offloaded calls running there now (a worker loop may run several)."""
+OFFLOAD_SPANS: deque[tuple[float, float, CallRecord | None]] = deque(maxlen=256)
+"""(start, end) on the monotonic clock of recent offloaded calls, running ones with end = inf."""
+
+
+async def serve_offloaded(record: CallRecord | None, fn: Callable[[], Any]) -> Any:
+    """Run an offloaded call in its worker thread, so samples of that thread (and its garbage collections)
+    know the call they serve."""
+    _lw_call = record  # noqa: F841 - read by blame through the frame
+    if record is not None:
+        record.execution = "thread"
+    running = OFFLOADED_CALLS.setdefault(threading.get_ident(), [])
+    running.append(record)
+    span = [time.monotonic(), float("inf"), record]
+    OFFLOAD_SPANS.append(span)  # type: ignore[arg-type]
+    try:
+        result = fn()
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+    finally:
+        span[1] = time.monotonic()
+        running.remove(record)
+        if not running:
+            OFFLOADED_CALLS.pop(threading.get_ident(), None)
+
+
+def offloaded_during(start: float, end: float) -> list[CallRecord]:
+    """The offloaded calls that ran at some point between `start` and `end` (monotonic)."""
+    for _ in range(3):
+        try:
+            spans = tuple(OFFLOAD_SPANS)
+            break
+        except RuntimeError:
+            continue
+    else:
+        return []
+    return [call for began, ended, call in spans if call is not None and began < end and ended > start]
+
+
+register_call_frame(serve_offloaded.__code__)
 
 
 def record_from_context(ctx: Any) -> CallRecord | None:
@@ -220,8 +336,7 @@ def _framework_dirs() -> tuple[str, ...]:
         mod = sys.modules.get(name)
         if mod is not None and getattr(mod, "__file__", None):
             dirs.append(_dir_of(mod))
-    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
-    return tuple(dirs + [here])
+    return tuple(dirs + [_HERE])
 
 
 _DEMO = os.sep + os.path.join("loopwatch", "demo") + os.sep
@@ -260,11 +375,46 @@ def is_application(file: str) -> bool:
     return _DEMO in file or not file.startswith(_stdlib_dirs() + _framework_dirs())
 
 
-def culprit_frame(stack: Sequence[Frame]) -> Frame | None:
-    """The frame of the application that led to the leaf: the entry of the innermost block of app frames."""
+def home_of(file: str) -> str:
+    """Where the code of `file` lives, as "own code" for blame: an installed package's folder (its top-level
+    package under site-packages; a single-module distribution: the module), else the file's directory."""
+    package = _package_of(file)
+    if package is None or _DEMO in file:
+        return os.path.dirname(file) + os.sep
+    folder = file[: file.index(os.sep + package, file.rfind("-packages" + os.sep)) + 1] + package + os.sep
+    return folder if file.startswith(folder) else file
+
+
+def is_own(file: str, home: str) -> bool:
+    """Code of the project whose home is `home`: under it, and not a package installed inside it (a venv)."""
+    return file.startswith(home) and _package_of(file) == _package_of(home) and not is_loopwatch(file)
+
+
+def tool_frame(stack: Sequence[Frame]) -> Frame | None:
+    """The tool's own function in a stack, as well as a stack tells: its outermost frame that is not the
+    framework's (transport, SDK, validation, loopwatch)."""
+    return next((frame for frame in stack if not is_framework(frame.file)), None)
+
+
+def culprit_frame(stack: Sequence[Frame], home: str | None = None) -> Frame | None:
+    """The line to fix: the innermost frame of the server's own code on the way to the leaf.
+
+    Own code is decided from `home` (where the blamed tool's function is defined, see `home_of`), else from
+    the tool's frame in the stack. Inside an import, the frame that executed the `import` statement."""
     import_at = _import_statement(stack)
     if import_at is not None:
         return import_at
+    if home is None:
+        entry = tool_frame(stack)
+        home = home_of(entry.file) if entry is not None else None
+    if home is not None:
+        own = next((frame for frame in reversed(stack) if is_own(frame.file, home)), None)
+        if own is not None:
+            return own
+    return _entry_of_innermost_block(stack)
+
+
+def _entry_of_innermost_block(stack: Sequence[Frame]) -> Frame | None:
     index = len(stack) - 1
     while index >= 0 and is_framework(stack[index].file):
         index -= 1
@@ -273,6 +423,19 @@ def culprit_frame(stack: Sequence[Frame]) -> Frame | None:
         entry = stack[index]
         index -= 1
     return entry
+
+
+def short_path(file: str) -> str:
+    """A file as a report shows it: an installed package's path from its package (`regex/_main.py`), a
+    standard library module's from the library (`json/decoder.py`), else the file's name."""
+    for marker in ("site-packages", "dist-packages"):
+        index = file.rfind(marker + os.sep)
+        if index >= 0:
+            return file[index + len(marker) + 1 :]
+    for stdlib in _stdlib_dirs():
+        if file.startswith(stdlib):
+            return file[len(stdlib) :]
+    return os.path.basename(file)
 
 
 def _import_statement(stack: Sequence[Frame]) -> Frame | None:

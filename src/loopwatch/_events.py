@@ -54,8 +54,10 @@ class Frame:
     function: str
 
     def short(self) -> str:
-        name = self.file.rsplit("/", 1)[-1]
-        return f"{name}:{self.line} in {self.function}"
+        """`regex/_main.py:288 in sub`: an installed package's file with its package, an application's by name."""
+        from ._blame import short_path
+
+        return f"{short_path(self.file)}:{self.line} in {self.function}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,12 @@ class BlockEvent:
     arguments: dict[str, Any] | None = None
     gc_s: float = 0.0
     """Seconds of it the garbage collector ran (collections of 1 ms or more)."""
+    released_at: Frame | None = None
+    """For a `gil` block: the frame where the GIL was let go, read as the watchdog got it back (the native call
+    that held it)."""
+    offloaded: bool = False
+    """The blamed call ran off the loop, in a worker thread: the loop waited for the GIL it held (`gil`) or for
+    a collection it triggered (`gc`)."""
     event: str = field(default="loop_blocked", init=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,19 +95,37 @@ class BlockEvent:
             del data["module"]
         if self.arguments is None:
             del data["arguments"]
+        if self.released_at is None:
+            del data["released_at"]
+        else:
+            data["released_at"] = asdict(self.released_at)
+        if not self.offloaded:
+            del data["offloaded"]
         return data
 
     def describe(self) -> str:
         """The one log line a person reads."""
         ms = round(self.duration_s * 1000)
+        if self.offloaded and self.method is not None:
+            return f"loop blocked {ms} ms [{self.kind}]: {self._offloaded_text()}"
         who = "outside any call"
         if self.kind == "gil" and self.method is None:
             who = "by a call it could not see"
         if self.method is not None:
-            target = f" {self.tool}" if self.tool else ""
-            rid = f" (request {self.request_id})" if self.request_id is not None else ""
-            who = f"{'during' if self.kind == 'gc' else 'by'} {self.method}{target}{rid}"
+            who = f"{'during' if self.kind == 'gc' else 'by'} {self._call_text()}"
         return f"loop blocked {ms} ms [{self.kind}] {who}{self._where()}"
+
+    def _call_text(self) -> str:
+        target = f" {self.tool}" if self.tool else ""
+        rid = f" (request {self.request_id})" if self.request_id is not None else ""
+        return f"{self.method}{target}{rid}"
+
+    def _offloaded_text(self) -> str:
+        at = f" at {self._chain()}" if self.frames else ""
+        if self.kind == "gc":
+            return (f"the garbage collector ran {round(self.gc_s * 1000)} ms of it, in the thread of "
+                    f"{self._call_text()} (offloaded){at}")
+        return f"the loop waited for the GIL held by {self._call_text()} (offloaded){at}"
 
     def _where(self) -> str:
         if self.kind == "gc":
@@ -107,31 +133,29 @@ class BlockEvent:
         gc_note = f" (garbage collection {round(self.gc_s * 1000)} ms)" if self.gc_s * 10 >= self.duration_s else ""
         return self._frames_text() + gc_note
 
+    def _samples_text(self) -> str:
+        return f"{self.samples} sample{'' if self.samples == 1 else 's'}"
+
     def _frames_text(self) -> str:
-        if self.kind == "gil" and not self.frames:
-            return ": no sample, a native call held the GIL for the whole block"
+        if self.kind == "gil" and self.frames:
+            return f": a native call at {self._chain()} held the GIL ({self._samples_text()})"
+        if self.kind == "gil":
+            return f": the watchdog could not sample ({self._samples_text()}), a native call held the GIL"
         if not self.frames:
             return ": no sample"
-        parts = _where_frames(self.frames, self.culprit)
-        text = " at " + " <- ".join(f.short() for f in parts)
+        text = " at " + self._chain()
         if self.module:
             text += f" (importing {self.module})"
         return text
 
+    def _chain(self) -> str:
+        return " <- ".join(f.short() for f in _where_frames(self.frames, self.culprit))
+
 
 def _where_frames(frames: tuple[Frame, ...], culprit: Frame | None) -> list[Frame]:
-    """The leaf; the innermost application line on the way there, when the leaf is a library's; the culprit."""
-    from ._blame import is_application
-
+    """The leaf, then the culprit (the line to fix in the server's own code) when it is another frame."""
     leaf = frames[-1]
-    parts = [leaf]
-    if not is_application(leaf.file):
-        inner = next((f for f in reversed(frames) if is_application(f.file)), None)
-        if inner is not None and inner != culprit:
-            parts.append(inner)
-    if culprit is not None and culprit not in parts:
-        parts.append(culprit)
-    return parts
+    return [leaf] if culprit is None or culprit == leaf else [leaf, culprit]
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,3 +342,49 @@ def _truncate(fd: int, end: int) -> None:
 
 def log_event(event: Event) -> None:
     logger.warning(event.describe())
+
+
+class BlockLog:
+    """The stderr listener: one line per event, except that blocks of one kind blamed on one tool repeating
+    within `window` seconds are told once, then as one line with a count (an offloaded conversion's
+    collections made fourteen lines)."""
+
+    def __init__(self, window: float = 10.0, clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self.window = window
+        self._clock = clock or time.monotonic
+        self._open: dict[tuple[str, str | None, str | None], list[Any]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, event: Event) -> None:
+        if not isinstance(event, BlockEvent) or event.tool is None:
+            log_event(event)
+            return
+        key, now = (event.kind, event.method, event.tool), self._clock()
+        with self._lock:
+            self._flush(now)
+            entry = self._open.get(key)
+            if entry is None:
+                self._open[key] = [now, 0, 0.0, event]
+            else:
+                entry[1] += 1
+                entry[2] += event.duration_s
+                return
+        log_event(event)
+
+    def flush(self, now: float | None = None) -> None:
+        """Tell the counts of windows that are over (all of them with `now=inf`)."""
+        with self._lock:
+            self._flush(self._clock() if now is None else now)
+
+    def _flush(self, now: float) -> None:
+        for key, (began, count, seconds, first) in list(self._open.items()):
+            if now - began < self.window:
+                continue
+            del self._open[key]
+            if count:
+                where = " (offloaded)" if first.offloaded else ""
+                logger.warning("loop blocked %d more time%s [%s] by %s%s in the %.0f s after it (%d ms in all)",
+                               count, "" if count == 1 else "s", first.kind, first._call_text().split(" (request")[0],
+                               where, self.window, round(seconds * 1000))

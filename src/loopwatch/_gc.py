@@ -14,6 +14,8 @@ import time
 from collections import deque
 from typing import Any
 
+from ._blame import OFFLOADED_CALLS
+
 MIN_PAUSE = 0.001
 """Collections shorter than this are not kept: a young-generation pass takes microseconds."""
 KEPT = 256
@@ -25,20 +27,32 @@ class GcClock:
     def __init__(self, clock: Any = time.monotonic, keep: int = KEPT) -> None:
         self._clock = clock
         self._pauses: deque[tuple[float, float, int]] = deque(maxlen=keep)
+        self._holders: deque[tuple[float, float, int, tuple[Any, ...]]] = deque(maxlen=keep)
+        """Collections run by a thread serving offloaded calls: (start, end, thread id, those calls)."""
         self._started: float | None = None
+        self._offloaded: tuple[int, tuple[Any, ...]] | None = None
         self._users = 0
         self._lock = threading.Lock()
 
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
         # Collections never overlap: they run holding the GIL, and the collector refuses to re-enter.
+        # They run in the thread that triggered the collection: one running offloaded calls is noted (a dict
+        # look-up here; loopwatch's own frame never shows as a culprit, see `_blame.drop_own_leaf`).
         if phase == "start":
             self._started = self._clock()
+            thread = threading.get_ident()
+            self._offloaded = (thread, tuple(OFFLOADED_CALLS.get(thread, ()))) if thread in OFFLOADED_CALLS else None
             return
-        started, self._started = self._started, None
+        # Kept before the collection is marked over: a thread switch in this callback lets the loop beat and
+        # the watchdog read the block, which must see the collection either going on or kept.
+        started, offloaded = self._started, self._offloaded
         if started is not None:
             ended = self._clock()
             if ended - started >= MIN_PAUSE:
+                if offloaded is not None:
+                    self._holders.append((started, ended, *offloaded))
                 self._pauses.append((started, ended, info.get("generation", 0)))
+        self._started = self._offloaded = None
 
     def acquire(self) -> None:
         with self._lock:
@@ -52,9 +66,28 @@ class GcClock:
             if self._users == 0 and self._callback in gc.callbacks:
                 gc.callbacks.remove(self._callback)
 
-    def note(self, started: float, ended: float, generation: int = 2) -> None:
+    def note(self, started: float, ended: float, generation: int = 2, thread: int | None = None,
+             calls: tuple[Any, ...] = ()) -> None:
         """Record a pause directly (tests; collectors this process does not see)."""
         self._pauses.append((started, ended, generation))
+        if thread is not None:
+            self._holders.append((started, ended, thread, calls))
+
+    def holders(self, start: float, end: float) -> list[tuple[float, int, tuple[Any, ...]]]:
+        """Collections between `start` and `end` run by threads serving offloaded calls: (seconds of it, the
+        thread, its offloaded calls then)."""
+        for _ in range(3):
+            try:
+                kept = tuple(self._holders)
+                break
+            except RuntimeError:
+                continue
+        else:
+            return []
+        ongoing, offloaded = self._started, self._offloaded
+        if ongoing is not None and offloaded is not None and not (kept and kept[-1][0] == ongoing):
+            kept += ((ongoing, end, *offloaded),)
+        return [(min(e, end) - max(b, start), t, c) for b, e, t, c in kept if e > start and b < end]
 
     def within(self, start: float, end: float) -> float:
         """Seconds of collection between `start` and `end` (monotonic), a collection still going on included

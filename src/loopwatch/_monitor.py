@@ -16,8 +16,8 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from ._blame import CallRecord, register_sdk_frames
-from ._events import BlockEvent, Event, JsonLinesWriter, Listener, Listeners, log_event
+from ._blame import CallRecord, home_of, offloaded_during, register_sdk_frames
+from ._events import BlockEvent, BlockLog, Event, JsonLinesWriter, Listener, Listeners
 from ._gc import GC_CLOCK
 from ._options import Options
 from ._sentinel import Heartbeat, current_backend, run_sentinel
@@ -103,8 +103,13 @@ class Monitor:
         self._timer: StallTimer | None = None
         self.heartbeat: Heartbeat | None = None
         self._cancel_sentinel: Callable[[], None] | None = None
+        self.tool_file: Callable[[str], str | None] = lambda tool: None
+        """Where a tool's function is defined (set by `instrument()`): its package or folder is the server's
+        own code, where blame looks for the line to fix."""
+        self._log: BlockLog | None = None
         if options.log_blocks:
-            self.listeners.add(log_event)
+            self._log = BlockLog()
+            self.listeners.add(self._log)
         self._writer = None
         if options.events:
             self._writer = JsonLinesWriter(options.events, options.events_max_bytes, options.events_backups)
@@ -215,6 +220,10 @@ class Monitor:
             emit=self._on_block,
             blocking=self._on_blocking,
             include_arguments=opts.include_arguments,
+            gc_holders=GC_CLOCK.holders,
+            tool_home=self._tool_home,
+            loop_thread=thread_id,
+            offloaded_during=offloaded_during,
         )
         self.heartbeat, self.loop_thread_id = heartbeat, thread_id
         self.backend = _backend_name()
@@ -262,6 +271,8 @@ class Monitor:
         if timer is not None and (watchdog is None or not watchdog.is_alive()):
             timer.close()
         self.pump()
+        if self._log is not None:
+            self._log.flush(float("inf"))
 
     # -- events ----------------------------------------------------------------------------------
     def add_listener(self, listener: Listener) -> None:
@@ -279,9 +290,16 @@ class Monitor:
         else:
             watchdog.poke()  # out now, not at the next housekeeping
 
+    def _tool_home(self, call: CallRecord) -> str | None:
+        """The server's own code for blame: where the blamed tool's function is defined (None: unknown)."""
+        name = call.label or call.tool  # a record read from the SDK's own frame has no label
+        file = self.tool_file(name) if name else None
+        return home_of(file) if file else None
+
     def _on_block(self, event: BlockEvent, call: CallRecord | None = None) -> None:
-        # A collection during a call is the heap's cost: told (events, metrics by kind), not counted as the call's.
-        blamed = event.kind != "gc"
+        # A collection during a call is the heap's cost: told (events, metrics by kind), not counted as the
+        # call's; but one an offloaded call's thread ran is that call's, as is the GIL it held.
+        blamed = event.kind != "gc" or event.offloaded
         if call is not None and blamed:
             call.blocked_s += event.duration_s
         row = self.stats.tool(call.label if call else OTHER) if event.method == "tools/call" and blamed else None
@@ -314,6 +332,8 @@ class Monitor:
             except queue.Empty:
                 break
             self._dispatch(event)
+        if self._log is not None:
+            self._log.flush()
         heartbeat = self.heartbeat
         if heartbeat is None:
             return

@@ -32,7 +32,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from ._blame import call_key
+from ._blame import call_key, current_call, serve_offloaded
 from ._events import BlockEvent, OffloadEvent
 from ._sentinel import current_backend
 
@@ -456,7 +456,8 @@ class Offloader:
         token = object()
         await limiter.acquire_on_behalf_of(token)
         try:
-            job = self.pool.submit(functools.partial(fn, *args, **kwargs))
+            # Served through a frame blame reads, so the watchdog knows which call each worker thread runs.
+            job = self.pool.submit(serve_offloaded, current_call(), functools.partial(fn, *args, **kwargs))
         except BaseException:
             limiter.release_on_behalf_of(token)
             raise

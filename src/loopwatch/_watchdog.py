@@ -14,11 +14,22 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ._blame import CallRecord, Sample, call_key, culprit_frame, is_import, sample_frame, summarize
-from ._events import BlockEvent, BlockKind
+from ._blame import (
+    OFFLOADED_CALLS,
+    CallRecord,
+    RawFrame,
+    Sample,
+    call_key,
+    culprit_frame,
+    is_import,
+    is_own,
+    sample_frame,
+    summarize,
+)
+from ._events import BlockEvent, BlockKind, Frame
 from ._sentinel import Clock, Heartbeat
 from ._timer import StallTimer
 
@@ -37,6 +48,45 @@ HOUSEKEEPING = 1.0
 """Seconds between the watchdog's looks while the loop beats, when a stall timer wakes it for blocks."""
 
 
+RUN_SAMPLES = 64
+"""Samples kept per run of one call inside a block (the rest are counted)."""
+MAX_RUNS = 128
+"""Runs kept per block; later ones join the last (a block of more calls back to back than that)."""
+
+
+@dataclass
+class _Run:
+    """Consecutive samples of one block that show the same call (or none)."""
+
+    key: int
+    call: CallRecord | None
+    first: float
+    last: float
+    count: int = 0
+    samples: list[Sample] = field(default_factory=list)
+    wall: float = 0.0
+    used: float = 0.0
+    announced: bool = False
+    late_looks: int = 0
+
+    def add(self, sample: Sample, now: float) -> None:
+        if len(self.samples) < RUN_SAMPLES:
+            self.samples.append(sample)
+        else:
+            self.samples[self.count % RUN_SAMPLES] = sample
+        self.count += 1
+        self.last = now
+
+    def absorb(self, other: _Run) -> None:
+        for sample in other.samples[: max(0, RUN_SAMPLES - len(self.samples))]:
+            self.samples.append(sample)
+        self.count += other.count
+        self.late_looks += other.late_looks
+        self.first, self.last = min(self.first, other.first), max(self.last, other.last)
+        self.wall += other.wall
+        self.used += other.used
+
+
 @dataclass
 class _Block:
     count: int
@@ -44,12 +94,19 @@ class _Block:
     honest_calls: dict[int, CallRecord | None] = field(default_factory=dict)
     """The calls seen in samples the watchdog took on time, by call key: bounded however long the block."""
     taken: int = 0
-    votes: dict[int, int] = field(default_factory=dict)
-    announced: bool = False
+    late_looks: int = 0
+    """Samples taken late (the watchdog could not run when due): one per native call that held the GIL."""
     last: tuple[float, float] | None = None
     """(time, demand) at the previous sample."""
     spent: dict[tuple[Any, ...], list[float]] = field(default_factory=dict)
     """Per stack: [seconds of wall time, seconds of CPU demand] between the previous sample and this one."""
+    runs: list[_Run] = field(default_factory=list)
+    """The samples in order, cut where the call they show changes (calls blocking back to back)."""
+    told: set[int] = field(default_factory=set)
+    """The calls announced as holding the loop in this block."""
+    released: Sample | None = None
+    """The first sample taken once the watchdog got the GIL back after waiting for it: CPython drops the GIL
+    right after a C call returns, so it shows the call that held it (see `classify`)."""
 
     def account(self, stack: tuple[Any, ...], now: float, demand: float | None) -> None:
         if demand is not None and self.last is not None:
@@ -58,36 +115,66 @@ class _Block:
                 entry = self.spent.setdefault(stack, [0.0, 0.0])
                 entry[0] += wall
                 entry[1] += used
+            if self.runs:
+                self.runs[-1].wall += wall
+                self.runs[-1].used += used
         self.last = (now, demand) if demand is not None else None
 
-    def add(self, sample: Sample, starved: bool) -> None:
+    def add(self, sample: Sample, starved: bool, now: float = 0.0) -> None:
         if len(self.samples) < MAX_SAMPLES:
             self.samples.append(sample)
         else:
             self.samples[self.taken % MAX_SAMPLES] = sample
         self.taken += 1
+        self.late_looks += starved
+        if starved and self.released is None:
+            self.released = sample
         if not starved:
             self.honest_calls[call_key(sample.call) if sample.call is not None else 0] = sample.call
-        if sample.call is not None:
-            key = call_key(sample.call)
-            self.votes[key] = self.votes.get(key, 0) + 1
+        key = call_key(sample.call) if sample.call is not None else 0
+        if not self.runs or (self.runs[-1].key != key and len(self.runs) < MAX_RUNS):
+            self.runs.append(_Run(key, sample.call, now, now))
+        self.runs[-1].add(sample, now)
+        self.runs[-1].late_looks += starved
 
-    def holder(self) -> CallRecord | None:
-        """The call on the loop in at least two samples and most of them, while the block goes on."""
-        for key, votes in self.votes.items():
-            if votes >= 2 and votes * 2 > self.taken:
-                return next(s.call for s in reversed(self.samples) if s.call is not None and call_key(s.call) == key)
+    def holder(self, min_span: float) -> CallRecord | None:
+        """The call on the loop now, once two samples in a row agree (and, after another call held the loop
+        in this block, once it held it `min_span` seconds): with calls blocking back to back, each is told."""
+        run = self.runs[-1] if self.runs else None
+        if run is None or run.call is None or run.count < 2 or run.announced:
+            return None
+        if run.key in self.told:
+            run.announced = True
+            return None
+        if len(self.runs) == 1 or run.last - run.first >= min_span:
+            run.announced = True
+            self.told.add(run.key)
+            return run.call
         return None
 
 
+IDLE_SHARE = 0.05
+"""Below this share of the block on (or waiting for) a core, the loop thread was idle: it slept, or waited for
+the GIL another thread held (it wakes only to ask for it, every switch interval)."""
+
+
+GIL_LOOKS = 3
+"""At most this many late looks in a `gil` block: a native call holding the GIL lets the watchdog look once,
+as it lets go; many late looks are a loaded machine making the watchdog wait for a core."""
+
+
 def classify(
-    duration: float, demand_s: float | None, starved_s: float, importing: bool, gc_s: float = 0.0
+    duration: float, demand_s: float | None, starved_s: float, importing: bool, gc_s: float = 0.0,
+    late_looks: int = 0,
 ) -> BlockKind:
     """The kind of a block, from the loop thread's demand for CPU and whether the watchdog could run at all.
 
     Demand is CPU time plus time spent runnable but waiting for a core: on a loaded machine a crunch
     gets less CPU than wall time, but it never sleeps. A block the garbage collector held for half its
-    time or more is `gc`, whatever code happened to allocate when the collection began.
+    time or more is `gc`, whatever code happened to allocate when the collection began. A block the
+    watchdog could not sample through for half its time, while the loop thread was not idle, is `gil`:
+    a native call held the GIL (where the watchdog saw too little of the block to measure the demand, a
+    loaded machine gives the loop thread only a part of its CPU time, so not idle is all it can say).
     """
     if gc_s * 2 >= duration > 0:
         return "gc"
@@ -96,7 +183,7 @@ def classify(
     if demand_s is None:
         return "unknown"
     busy = demand_s >= CPU_SHARE * duration
-    if busy and starved_s >= duration / 2:
+    if starved_s * 2 >= duration and demand_s >= IDLE_SHARE * duration and late_looks <= GIL_LOOKS:
         return "gil"
     return "cpu" if busy else "wait"
 
@@ -126,7 +213,19 @@ class Detector:
         emit: Callable[[BlockEvent, CallRecord | None], None] = lambda e, c: None,
         blocking: Callable[[CallRecord, float, bool, tuple[Any, ...]], None] = lambda c, s, i, st: None,
         include_arguments: bool = False,
+        gc_holders: Callable[[float, float], list[tuple[float, int, tuple[Any, ...]]]] = lambda start, end: [],
+        tool_home: Callable[[CallRecord], str | None] = lambda call: None,
+        loop_thread: int | None = None,
+        offloaded_during: Callable[[float, float], list[CallRecord]] = lambda start, end: [],
     ) -> None:
+        self.offloaded_during = offloaded_during
+        """The offloaded calls that ran between two times of `clock` (`_blame.offloaded_during`)."""
+        self.gc_holders = gc_holders
+        """Per collection between two times of `clock`: (seconds, the thread that ran it, the offloaded calls
+        that thread was running)."""
+        self.tool_home = tool_home
+        """Where the blamed call's tool function is defined (`_blame.home_of`): the server's own code."""
+        self.loop_thread = loop_thread
         self.blocking = blocking
         """Told once per block, while it goes on: the call holding the loop, seconds so far, whether the
         samples so far are inside an import, and the latest sampled stack (raw frames, outermost first)."""
@@ -169,14 +268,16 @@ class Detector:
                 due = min(due, stalled)  # the timer fired then (or will): the watchdog was due to run
         starved = now - due >= self.hb.threshold / 2
         if starved:
-            self._starved.append((last, now))
+            self._starved.append((due, now))  # from when it should have run: before that it slept by choice
         if self._block is None and now - beat_time - self.hb.interval >= self.hb.threshold:
             self._block = _Block(count)
         block = self._block
         if block is not None and block.count == count:
             sample = self.sampler()
+            if sample is not None and self.hb.beat[0] != count:
+                sample = None  # the loop beat while this look waited for the GIL: it shows what ran after the block
             if sample is not None:
-                block.add(sample, starved)
+                block.add(sample, starved, now)
                 block.account(sample.stack, now, self.demand_clock())
                 self._announce(block, now - beat_time - self.hb.interval, now)
         finished = False
@@ -201,14 +302,17 @@ class Detector:
         return None
 
     def _announce(self, block: _Block, elapsed: float, now: float) -> None:
-        if block.announced:
+        """Tell who holds the loop, once per call holding it in this block (calls can take turns)."""
+        run = block.runs[-1] if block.runs else None
+        if run is None or run.announced or run.call is None or run.count < 2:
             return
         if self.gc_time(now - elapsed, now) * 2 >= elapsed:
             return  # the collector's so far: no call to tell about yet
-        holder = block.holder()
+        holder = block.holder(self.hb.threshold / 2)
         if holder is not None:
-            block.announced = True
-            importing = sum(1 for s in block.samples if is_import(s.stack)) * 2 > len(block.samples)
+            if len(block.runs) > 1:
+                elapsed = now - run.first
+            importing = sum(1 for s in run.samples if is_import(s.stack)) * 2 > len(run.samples)
             self.blocking(holder, elapsed, importing, block.samples[-1].stack)
 
     def first_wait(self) -> float:
@@ -237,22 +341,136 @@ class Detector:
         else:
             block = _Block(end_count - 1)
         cpu_s = None if cpu is None else min(max(0.0, cpu), lag)
+        parts = self._split(block, end - lag, end)
+        if parts is None:
+            self._report_block(block, end - lag, end, cpu_s, now)
+            return
+        for run, start, stop in parts:  # calls that blocked back to back, no beat between: each its own block
+            share = (stop - start) / lag if lag > 0 else 0.0
+            self._report_part(run, start, stop, None if cpu_s is None else cpu_s * share, now)
+
+    def _starved_in(self, start: float, end: float) -> float:
+        return sum(overlap(start, end, a, b) for a, b in self._starved)
+
+    def _report_block(self, block: _Block, start: float, end: float, cpu_s: float | None, now: float) -> None:
+        lag = end - start
         demand_s = _demand(block, cpu_s, lag)
-        starved_s = sum(overlap(end - lag, end, a, b) for a, b in self._starved)
-        gc_s = min(lag, self.gc_time(end - lag, end))
+        starved_s = self._starved_in(start, end)
+        gc_s = min(lag, self.gc_time(start, end))
         profile = summarize(block.samples)
-        kind = classify(lag, demand_s, starved_s, profile.importing, gc_s)
+        kind = classify(lag, demand_s, starved_s, profile.importing, gc_s, block.late_looks)
         kind = self._kind_of_hottest(block, kind)
+        common = dict(lag=lag, cpu_s=cpu_s, now=now, end=end, taken=block.taken, gc_s=gc_s)
+        elsewhere = self._held_elsewhere(block, kind, lag, demand_s, starved_s, start, end)
+        if elsewhere is not None:
+            kind, frames, call = elsewhere
+            self.emit(self._event(kind, frames=frames, call=call, module=None, offloaded=True, **common), call)
+            return
         if kind in ("gil", "gc"):
-            # Samples taken after the GIL came back show whatever runs then: keep only the call,
-            # and only when the watchdog saw it on the loop before the GIL was taken.
+            # Samples taken after the GIL came back show whatever runs then: the call seen on the loop before
+            # the GIL was taken, and, for a native call, the sample taken right as it let the GIL go.
             calls = {key: c for key, c in block.honest_calls.items() if c is not None}
             call = next(iter(calls.values())) if len(calls) == 1 else None
-            self.emit(self._event(kind, lag, cpu_s, now, end, (), call, block.taken, None, gc_s), call)
+            frames: tuple[Frame, ...] = ()
+            released = block.released if kind == "gil" else None
+            if released is not None and released.stack and self._in_own_code(released):
+                frames = _frames(released.stack)
+                call = released.call
+            released_at = frames[-1] if frames else None
+            self.emit(self._event(kind, frames=frames, call=call, module=None, released_at=released_at, **common), call)
             return
-        call = profile.call
-        event = self._event(kind, lag, cpu_s, now, end, profile.stack, call, block.taken, profile.module, gc_s)
-        self.emit(event, call)
+        event = self._event(kind, frames=profile.stack, call=profile.call, module=profile.module, **common)
+        self.emit(event, profile.call)
+
+    def _report_part(self, run: _Run, start: float, end: float, cpu_s: float | None, now: float) -> None:
+        lag = end - start
+        demand_s = lag * min(1.0, max(0.0, run.used / run.wall)) if run.wall > 0 else cpu_s
+        gc_s = min(lag, self.gc_time(start, end))
+        profile = summarize(run.samples)
+        kind = classify(lag, demand_s, self._starved_in(start, end), profile.importing, gc_s, run.late_looks)
+        frames = () if kind in ("gil", "gc") else profile.stack
+        event = self._event(
+            kind, lag=lag, cpu_s=cpu_s, now=now, end=end, frames=frames, call=run.call, taken=run.count,
+            module=profile.module if kind == "import" else None, gc_s=gc_s,
+        )
+        self.emit(event, run.call)
+
+    def _split(self, block: _Block, start: float, end: float) -> list[tuple[_Run, float, float]] | None:
+        """Where calls took turns holding the loop in one block: each run of one call with its share of the
+        block (cut halfway between the last sample of one and the first of the next). None for one call."""
+        runs = self._merged_runs(block)
+        if runs is None or len(runs) < 2:
+            return None
+        cuts = [start, *((a.last + b.first) / 2 for a, b in zip(runs, runs[1:], strict=False)), end]
+        return [(run, max(start, cuts[i]), min(end, cuts[i + 1])) for i, run in enumerate(runs)]
+
+    def _merged_runs(self, block: _Block) -> list[_Run] | None:
+        """The runs of calls that held the loop long enough to count (half the threshold, two samples); the
+        short ones, and samples outside any call, join their neighbour."""
+        merged: list[_Run] = []
+        pending: _Run | None = None
+        for run in block.runs:
+            short = run.call is None or run.count < 2 or run.last - run.first < self.hb.threshold / 2
+            if short:
+                if merged:
+                    merged[-1].absorb(run)
+                elif pending is None:
+                    pending = run
+                else:
+                    pending.absorb(run)
+                continue
+            if merged and merged[-1].key == run.key:
+                merged[-1].absorb(run)
+                continue
+            if pending is not None:
+                run.absorb(pending)
+                pending = None
+            merged.append(run)
+        return merged or None
+
+    def _held_elsewhere(
+        self, block: _Block, kind: BlockKind, lag: float, demand_s: float | None, starved_s: float,
+        start: float, end: float,
+    ) -> tuple[BlockKind, tuple[Frame, ...], CallRecord] | None:
+        """A stall the loop thread did not cause: it waited for the GIL an offloaded call's thread held (the
+        watchdog could not run either, and the loop thread did not want a core), or for a collection that
+        thread ran. The kind stays `gil` or `gc`; the blame goes to that call."""
+        if kind == "gc":
+            return self._gc_elsewhere(block, start, end)
+        loop_idle = demand_s is not None and demand_s < IDLE_SHARE * lag
+        if starved_s * 2 < lag or not loop_idle:
+            return None
+        sample = block.released or (block.samples[0] if block.samples else None)
+        others = [s for s in (sample.elsewhere if sample is not None else ()) if s.call is not None]
+        seen = {call_key(s.call): s for s in others if s.call is not None}
+        if len(seen) == 1:
+            (held,) = seen.values()
+            assert held.call is not None
+            return "gil", _frames(held.stack), held.call
+        ran = {call_key(c): c for c in self.offloaded_during(start, end)}
+        if not seen and len(ran) == 1:  # no sample of it in the block (the loop took the GIL back first)
+            return "gil", (), next(iter(ran.values()))
+        return None  # none, or several offloaded calls at once: the watchdog can't tell which one it was
+
+    def _gc_elsewhere(
+        self, block: _Block, start: float, end: float
+    ) -> tuple[BlockKind, tuple[Frame, ...], CallRecord] | None:
+        by_thread: dict[int, float] = {}
+        calls: dict[int, tuple[Any, ...]] = {}
+        for seconds, thread, running in self.gc_holders(start, end):
+            by_thread[thread] = by_thread.get(thread, 0.0) + seconds
+            if running:
+                calls[thread] = running
+        if not by_thread:
+            return None
+        thread = max(by_thread, key=by_thread.__getitem__)
+        running = calls.get(thread, ())
+        if thread == self.loop_thread or len({call_key(c) for c in running}) != 1:
+            return None
+        call = running[0]
+        key = call_key(call)
+        seen = [s for sample in block.samples for s in sample.elsewhere if s.call and call_key(s.call) == key]
+        return "gc", (_frames(seen[0].stack) if seen else ()), call
 
     @staticmethod
     def _kind_of_hottest(block: _Block, kind: BlockKind) -> BlockKind:
@@ -265,9 +483,12 @@ class Detector:
         return "cpu" if used >= CPU_SHARE * wall else "wait"
 
     def _event(
-        self, kind, lag, cpu_s, now, end, frames, call: CallRecord | None, taken, module, gc_s
+        self, kind: BlockKind, *, lag: float, cpu_s: float | None, now: float, end: float,
+        frames: tuple[Frame, ...], call: CallRecord | None, taken: int, module: str | None, gc_s: float,
+        released_at: Frame | None = None, offloaded: bool = False,
     ) -> BlockEvent:
         start_wall = self.wall() - (now - end) - lag
+        home = self._home(call)
         return BlockEvent(
             time=round(start_wall, 6),
             duration_s=round(lag, 6),
@@ -280,24 +501,60 @@ class Detector:
             gc_s=round(gc_s, 6),
             samples=taken,
             frames=frames,
-            culprit=culprit_frame(frames) if frames else None,
+            culprit=culprit_frame(frames, home) if frames else None,
             module=module,
             arguments=call.arguments() if call is not None and self.include_arguments else None,
+            released_at=released_at,
+            offloaded=offloaded,
         )
+
+    def _in_own_code(self, sample: Sample) -> bool:
+        """Whether the look as the GIL came back is in the code of the call it shows (its tool's own frames).
+        When another thread took the GIL first, the loop thread may have run on before the watchdog got it:
+        into another call, or past the tool into the framework; then it names nothing rather than a wrong line."""
+        if sample.call is None:
+            return False
+        home = self._home(sample.call)  # from where the tool is defined: a stack can't tell (a client in-process)
+        return home is not None and any(is_own(file, home) for file, _, _ in sample.stack)
+
+    def _home(self, call: CallRecord | None) -> str | None:
+        if call is None:
+            return None
+        try:
+            return self.tool_home(call)
+        except Exception:
+            return None
+
+
+def _frames(stack: tuple[RawFrame, ...]) -> tuple[Frame, ...]:
+    return tuple(Frame(f, ln, fn) for f, ln, fn in stack)
 
 
 def _demand(block: _Block, cpu_s: float | None, lag: float) -> float | None:
     """Seconds the loop thread wanted a core during the block: measured over the part the watchdog sampled
-    (CPU plus run-queue time: a crunch preempted on a busy machine is still a crunch), else its CPU time."""
+    (CPU plus run-queue time: a crunch preempted on a busy machine is still a crunch) when that part is most
+    of the block, else its CPU time (a few samples right after the GIL came back say little of the rest)."""
     wall = sum(w for w, _ in block.spent.values())
-    if wall > 0:
+    if wall > 0 and (wall * 2 >= lag or cpu_s is None):
         return lag * min(1.0, max(0.0, sum(u for _, u in block.spent.values()) / wall))
+    if wall > 0 and cpu_s is not None:  # at least what the sampled part wanted
+        return max(cpu_s, min(wall, sum(u for _, u in block.spent.values())))
     return cpu_s
 
 
 def thread_sampler(thread_id: int) -> Sampler:
+    """Samples of the loop thread, each with samples of the threads running offloaded calls at that moment
+    (one `sys._current_frames()` for all: when the loop waits for the GIL, one of them may hold it)."""
+
     def sample() -> Sample | None:
-        return sample_frame(sys._current_frames().get(thread_id))
+        frames = sys._current_frames()
+        loop = sample_frame(frames.get(thread_id))
+        if loop is None or not OFFLOADED_CALLS:
+            return loop
+        others = tuple(
+            s for t in list(OFFLOADED_CALLS) if t != thread_id and (s := sample_frame(frames.get(t))) is not None
+        )
+        return replace(loop, elsewhere=others) if others else loop
 
     return sample
 

@@ -570,7 +570,8 @@ def where_text(monitor: Any, full: bool = False, frames: FrameSource = sys._curr
     now = lag_now(monitor)
     blocked = now is not None and now >= monitor.options.threshold
     stack = tuple(Frame(*raw) for raw in sample.stack)
-    culprit = culprit_frame(stack) if stack else None
+    home = monitor._tool_home(sample.call) if sample.call is not None else None  # as the block report decides
+    culprit = culprit_frame(stack, home) if stack else None
     state = f"BLOCKED for {_duration(now)}" if blocked else "responsive"
     lines = [
         f"loop thread {thread_id} ({monitor.backend}): {state}",

@@ -216,6 +216,20 @@ def server_kind(server: Any) -> str:
     return adapter_for(server).kind
 
 
+def _tool_files(adapter: ServerAdapter) -> Callable[[str], str | None]:
+    """Where a tool's function is defined, by name: blame's "own code" (a low-level server: its handler)."""
+    import inspect
+
+    def file(name: str) -> str | None:
+        try:
+            code = getattr(inspect.unwrap(adapter.tool_fn(name)), "__code__", None)
+        except Exception:
+            return None
+        return code.co_filename if code is not None else None
+
+    return file
+
+
 # -- the handle ---------------------------------------------------------------------------------------
 
 
@@ -311,6 +325,7 @@ def instrument(server: Any, **options: Any) -> Handle:
     opts = Options.build(**options)
     monitor = Monitor(opts, ToolNames(opts.max_tools, adapter.registered()))
     monitor.where = adapter.where
+    monitor.tool_file = _tool_files(adapter)
     handle = Handle(server, adapter, monitor)
     handle._install()
     from ._extensions import install_extensions

@@ -215,8 +215,9 @@ async def test_lw_where_shows_the_blocking_tool_and_line_over_telnet_while_the_l
 
     where = seen["where"]
     assert "serving    tools/call stall (request" in where
-    assert f"-> {target['server']}:{stall_line} in stall" in where
-    assert f"server.py:{line_of(target['server'], '# HOLD')} in hold" in where
+    hold_line = line_of(target["server"], "# HOLD")  # the line to fix: the innermost of the server's own code
+    assert f"-> {target['server']}:{hold_line} in hold" in where
+    assert f"{target['server']}:{stall_line} in stall" in where
     assert "BLOCKED" in seen["lag"].splitlines()[0]
     assert "stall" in seen["tools"]
     assert seen["offload"].startswith("✗ offload is off")
@@ -231,7 +232,7 @@ async def test_lw_where_shows_the_blocking_tool_and_line_over_telnet_while_the_l
     reported = await anyio.to_thread.run_sync(
         lambda: until(blocks, lambda a: "by tools/call stall" in a, "the block was never reported")
     )
-    assert f"-> {target['server']}:{stall_line} in stall" in reported
+    assert f"-> {target['server']}:{hold_line} in hold" in reported
 
 
 async def test_lw_offload_moves_a_tool_off_the_loop_and_lw_tools_shows_it(served, tmp_path):

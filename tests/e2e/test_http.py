@@ -72,7 +72,9 @@ async def test_blocks_are_blamed_over_http_transports(server, tool, args, transp
                     await client.call_tool(tool, args)
         [event] = blocks_of(events, tool)
         assert event["method"] == "tools/call" and event["kind"] == "wait"
-        assert event["culprit"]["file"].endswith(server)
+        # the line to fix is in the server's own code (its helper module, for inventory_server), on its way
+        assert event["culprit"]["file"].startswith(str(FIXTURES))
+        assert any(f["file"].endswith(server) for f in event["frames"])
         if transport == "streamable-http":
             assert event["session_id"], "handshake-era streamable HTTP carries a session id"
     finally:

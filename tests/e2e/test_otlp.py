@@ -214,13 +214,16 @@ async def test_a_block_reaches_the_collector_as_an_event_on_its_call_and_a_back_
 
     (event,) = [e for e in call.events if e.name == "loopwatch.loop_blocked"]
     found = attributes(event.attributes)
-    line = line_of(SERVER, "record = legacy.fetch_record(sku)")
-    assert Path(found["code.file.path"]).resolve() == SERVER.resolve()
+    # The blocking line in the application: the sleep in the server's own helper module.
+    helper = SERVER.parent / "legacy.py"
+    line = line_of(helper, "time.sleep(delay)")
+    assert Path(found["code.file.path"]).resolve() == helper.resolve()
     assert found["code.line.number"] == line == block["culprit"]["line"]
-    assert found["code.function.name"] == "lookup"
+    assert found["code.function.name"] == "fetch_record"
     assert found["loopwatch.duration_s"] == block["duration_s"]
     assert found["loopwatch.kind"] == block["kind"]
-    assert f"line {line}, in lookup" in found["code.stacktrace"]
+    assert f"line {line}, in fetch_record" in found["code.stacktrace"]
+    assert f"line {line_of(SERVER, 'record = legacy.fetch_record(sku)')}, in lookup" in found["code.stacktrace"]
     assert event.time_unix_nano == ns(block["time"])
 
     (blocked,) = [s for s in by_name(spans, "event_loop.blocked") if s.parent_span_id == call.span_id]

@@ -58,16 +58,21 @@ async def test_each_blocker_is_found_with_its_kind_and_line_and_moved_and_no_hon
     blocks = [e for e in lines if e["event"] == "loop_blocked" and e["kind"] != "gc"]
     assert not [e for e in blocks if e["tool"] in {name for name, _ in HONEST}]
     for tool, (_, kind, text) in BLOCKERS.items():
-        found = [e for e in blocks if e["tool"] == tool]
+        # (once moved, the loop can still wait for the GIL its thread holds: told apart as `offloaded`)
+        found = [e for e in blocks if e["tool"] == tool and not e.get("offloaded")]
         assert found, f"{tool} was not found"
         first = found[0]
         assert first["kind"] == kind, (tool, first["kind"])
-        assert first["culprit"]["file"].endswith("server.py") and first["culprit"]["function"] == tool
         files_lines = {(f["file"].rsplit("/", 1)[-1], f["line"]) for f in first["frames"]}
-        if text is not None:
+        culprit = (first["culprit"]["file"].rsplit("/", 1)[-1], first["culprit"]["line"])
+        if text is not None:  # the line to fix: the innermost of the outsider's own code, in its library
             assert ("catalog_lib.py", line_of(text)) in files_lines, (tool, first["frames"][-3:])
+            assert culprit == ("catalog_lib.py", line_of(text)), (tool, first["culprit"])
+        else:  # its own code, whichever of its files; the tool's frame on the way
+            assert first["culprit"]["file"].startswith(str(OUTSIDER)), (tool, first["culprit"])
+            assert any(f["file"].endswith("server.py") and f["function"] == tool for f in first["frames"])
         # a call already running can't move (reindex blocks once per step): later calls must not block at all
-        assert {e["request_id"] for e in found} == {first["request_id"]}, f"{tool} blocked again after it moved"
+        assert {e["request_id"] for e in found} == {first["request_id"]}, (f"{tool} blocked again after it moved", found)
     moved = {e["tool"] for e in lines if e["event"] == "offloaded"}
     assert moved == set(BLOCKERS)
     assert progress == [f"step {i}/3" for i in (1, 2, 3)] * 2

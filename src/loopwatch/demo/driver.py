@@ -71,11 +71,11 @@ def where(event: dict) -> str:
     frames = event.get("frames") or []
     if not frames:
         return "no sample (a native call held the GIL)"
-    leaf, culprit = frames[-1], event.get("culprit") or frames[-1]
-    text = f"{Path(leaf['file']).name}:{leaf['line']} in {leaf['function']}"
-    if culprit != leaf:
-        text += f" <- {Path(culprit['file']).name}:{culprit['line']} in {culprit['function']}"
-    return text
+    from loopwatch._events import Frame
+
+    leaf = Frame(**frames[-1])
+    culprit = Frame(**(event.get("culprit") or frames[-1]))
+    return leaf.short() if culprit == leaf else f"{leaf.short()} <- {culprit.short()}"
 
 
 def calibrate_rounds(seconds: float) -> int:

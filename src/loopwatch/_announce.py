@@ -168,7 +168,8 @@ def loop_stack(monitor: Any) -> dict[str, Any]:
     if sample is None:
         return {"stack": [], "serving": None, "culprit": None, "importing": None}
     stack = tuple(Frame(*raw) for raw in sample.stack)
-    culprit = culprit_frame(stack) if stack else None
+    home = monitor._tool_home(sample.call) if sample.call is not None else None  # the tool's own code, as in reports
+    culprit = culprit_frame(stack, home) if stack else None
     return {
         "stack": _frames(stack),
         "serving": _call(sample.call),

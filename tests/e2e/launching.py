@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio
 from mcp import Client, StdioServerParameters
 
 LOOPWATCH = [sys.executable, "-m", "loopwatch"]
@@ -32,13 +33,16 @@ def dump(result) -> dict:
     return result.model_dump(mode="json", exclude_none=True)
 
 
-async def session_answers(params: StdioServerParameters, mode: str, calls: list[tuple[str, dict]]) -> dict:
-    """What a real client gets from a server: its info, its tools and the answers to `calls`, in order."""
+async def session_answers(params: StdioServerParameters, mode: str, calls: list[tuple[str, dict]], during=None) -> dict:
+    """What a real client gets from a server: its info, its tools and the answers to `calls`, in order.
+    `during()` runs in a thread while the session is still open (a scrape of the server's metrics)."""
     async with Client(params, mode=mode) as client:
         tools = await client.list_tools()
         answers = [dump(await client.call_tool(name, args)) for name, args in calls]
-        info = client.server_info if hasattr(client, "server_info") else None
-    return {"tools": dump(tools), "answers": answers, "info": dump(info) if info is not None else None}
+        info = client.server_info
+        seen = await anyio.to_thread.run_sync(during) if during is not None else None
+    got = {"tools": dump(tools), "answers": answers, "info": dump(info) if info is not None else None}
+    return got if during is None else {**got, "during": seen}
 
 
 def run(command: list[str], env=None, stdin: bytes = b"", timeout: float = 60.0, cwd=None):

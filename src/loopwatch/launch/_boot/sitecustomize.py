@@ -237,17 +237,19 @@ def _install():
 
 
 def _chain():
-    """Import the `sitecustomize` this one hides (the next on sys.path), as Python would have."""
-    import importlib.machinery
-
+    """Import the `sitecustomize` this one hides (the next on sys.path), as Python would have. Through the
+    import system's own frozen modules, always loaded: importing `importlib` here would cost every process."""
+    bootstrap = sys.modules.get("_frozen_importlib")
+    external = sys.modules.get("_frozen_importlib_external")
+    if bootstrap is None or external is None:
+        import importlib.machinery as external
+        import importlib.util as bootstrap
     path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", path)
+    spec = external.PathFinder.find_spec("sitecustomize", path)
     if spec is None or spec.loader is None:
         return
     ours = sys.modules.get("sitecustomize")
-    import importlib.util
-
-    module = importlib.util.module_from_spec(spec)
+    module = bootstrap.module_from_spec(spec)
     sys.modules["sitecustomize"] = module
     try:
         spec.loader.exec_module(module)

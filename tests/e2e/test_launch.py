@@ -230,3 +230,44 @@ def test_results_are_the_same_dicts_in_both_runs_helper_sanity():
     a = CallToolResult(content=[TextContent(type="text", text="x")])
     b = CallToolResult(content=[TextContent(type="text", text="x")])
     assert dump(a) == dump(b) and dump(a) != dump(CallToolResult(content=[]))
+
+
+def converse(command: list[str], calls: list[tuple[str, dict]], timeout: float = 90.0) -> tuple[int, list[bytes], bytes]:
+    """A legacy-era client on raw pipes: initialize, then each tools/call after the previous answer, then EOF.
+    Returns the exit code, the lines the server wrote on stdout, and its stderr."""
+    import threading
+
+    requests = [{"jsonrpc": "2.0", "id": n, "method": "tools/call", "params": {"name": name, "arguments": args}}
+                for n, (name, args) in enumerate(calls, 1)]
+    init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err: list[bytes] = []
+    threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True).start()
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    lines = []
+    try:
+        for message in [init, {"jsonrpc": "2.0", "method": "notifications/initialized"}, *requests]:
+            proc.stdin.write(json.dumps(message).encode() + b"\n")
+            proc.stdin.flush()
+            if "id" in message:
+                lines.append(proc.stdout.readline())
+        proc.stdin.close()
+        lines.extend(proc.stdout.read().splitlines(keepends=True))  # anything after: must be nothing
+        code = proc.wait()
+    finally:
+        timer.cancel()
+    return code, lines, b"".join(err)
+
+
+def test_stdout_is_the_bare_servers_bytes_and_the_exit_code_its_own_after_a_tool_moved_off_the_loop(tmp_path):
+    # the first lookup blocks and moves the tool (offload auto, one strike); the second runs on a worker loop;
+    # then the client closes stdin, and the server ends as it does bare
+    calls = [("lookup", {"sku": "a"}), ("lookup", {"sku": "b"}), ("ping", {"n": 1})]
+    bare = converse(server_command("--delay", "0.2"), calls)
+    watched = converse(wrapped(server_command("--delay", "0.2"), "--events", str(tmp_path / "ev.jsonl")), calls)
+    assert watched[0] == bare[0] == 0, watched[2]
+    assert watched[1] == bare[1] and len(bare[1]) == 4  # byte for byte, and nothing more
+    kinds = [e["event"] for e in read_events(tmp_path / "ev.jsonl")]
+    assert kinds.count("loop_blocked") == 1 and kinds.count("offloaded") == 1

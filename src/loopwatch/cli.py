@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_viewer(args)
     if command is not None or args.target is None:
-        return launch_command(args, command)
+        return launch_command(args, command, own)
     return run_command(args)
 
 
@@ -219,12 +219,15 @@ def subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
     return actions[0].choices[name] if actions and name in actions[0].choices else parser
 
 
-def launch_command(args: argparse.Namespace, command: list[str] | None) -> int:
+def launch_command(args: argparse.Namespace, command: list[str] | None, given: Sequence[str] = ()) -> int:
     """`loopwatch run [OPTIONS] -- COMMAND [ARGS...]`: exec COMMAND with the start-up hook."""
     from .launch import NOT_PASSED, launch, option_text
 
     problem = None
-    if command is None:
+    serving = sorted({a.split("=")[0] for a in given} & {"--transport", "--host", "--port"})
+    if command and serving:
+        problem = f"{', '.join(serving)}: for TARGET only; under -- the command serves as its own flags say"
+    elif command is None:
         problem = "expected TARGET, or -- COMMAND [ARGS...] (the server's command as its client runs it)"
     elif args.target is not None:
         problem = f"give TARGET or -- COMMAND, not both ({args.target} and -- {' '.join(command)})"

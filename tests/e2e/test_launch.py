@@ -11,7 +11,7 @@ import time
 import anyio
 import pytest
 
-from e2e.launching import LOOPWATCH, dump, run, session_answers, stdio, wrapped
+from e2e.launching import LOOPWATCH, run, session_answers, stdio, wrapped
 
 from helpers import FIXTURES, read_events
 
@@ -150,6 +150,12 @@ def test_an_unknown_loopwatch_option_before_the_separator_is_usage_and_exit_2():
     assert err.startswith("usage: loopwatch run") and "--no-such-option" in err
 
 
+def test_a_serving_option_of_run_target_is_refused_under_the_separator():
+    done = run([*LOOPWATCH, "run", "--transport", "sse", "--", PY, "-c", "print(1)"])
+    assert done.returncode == 2 and done.stdout == b""
+    assert "--transport: for TARGET only" in done.stderr.decode()
+
+
 def test_help_shows_the_command_form_and_the_client_config_line():
     done = run([*LOOPWATCH, "run", "--help"])
     out = done.stdout.decode()
@@ -221,15 +227,6 @@ def test_a_target_whose_import_starts_serving_is_stopped_before_it_serves(tmp_pa
     assert done.stdout == b""  # it never answered, unwatched
     err = done.stderr.decode()
     assert "starts serving" in err and f"loopwatch run -- python {path}" in err
-
-
-def test_results_are_the_same_dicts_in_both_runs_helper_sanity():
-    # dump() is what the comparisons above rest on: a result's JSON form, not the object's identity
-    from mcp.types import CallToolResult, TextContent
-
-    a = CallToolResult(content=[TextContent(type="text", text="x")])
-    b = CallToolResult(content=[TextContent(type="text", text="x")])
-    assert dump(a) == dump(b) and dump(a) != dump(CallToolResult(content=[]))
 
 
 def converse(command: list[str], calls: list[tuple[str, dict]], timeout: float = 90.0) -> tuple[int, list[bytes], bytes]:

@@ -198,7 +198,7 @@ def _find_server(module: Any, name: str, where: str = "", explicit: bool = True)
         return None
     hint = launch_hint(where, module)
     script = _console_script_of(module, name)
-    if script is not None or (explicit and name == "main"):
+    if script is not None or (explicit and name == "main") or type(obj).__module__.startswith(("click", "typer")):
         program = f"the console script {script!r}" if script else "a program's"
         raise TargetError(f"{where}:{name} is {program} main(), not a server: loopwatch never calls it with its "
                           f"own command line; run the program as its client launches it: {hint}")
@@ -211,13 +211,26 @@ def _find_server(module: Any, name: str, where: str = "", explicit: bool = True)
         raise TargetError(f"{name}() needs arguments ({', '.join(required)}) that loopwatch cannot give it; "
                           f"run the server as its client launches it, with its flags: {hint}")
     try:
-        with _no_serving(where):
+        with _no_serving(where), _argv(where):
             made = obj()
     except TargetError:
         raise
+    except SystemExit as exc:  # it parsed loopwatch's command line, or checked its own and gave up
+        raise TargetError(f"{name}() exited ({exc.code}): a program's main(), not a server factory: {hint}") from None
     except Exception as exc:
         raise TargetError(f"{name}() raised {type(exc).__name__}: {exc}") from exc
     return made if made is not None and is_server(made) else None
+
+
+@contextlib.contextmanager
+def _argv(where: str) -> Iterator[None]:
+    """A factory that reads the command line sees none (never loopwatch's own)."""
+    saved = sys.argv
+    sys.argv = [where]
+    try:
+        yield
+    finally:
+        sys.argv = saved
 
 
 def _required_params(fn: Any) -> list[str]:

@@ -214,6 +214,16 @@ def test_a_main_function_is_refused_never_called_with_loopwatchs_argv(tmp_path):
     assert "usage:" not in err
 
 
+def test_a_factory_that_exits_is_a_clear_error_and_never_sees_loopwatchs_argv(tmp_path):
+    code, err, out = target_error(tmp_path, (
+        "import sys\n"
+        "def server():\n    print(sys.argv, file=sys.stderr)\n    sys.exit('server: missing --config')\n"
+    ))
+    assert code == 2 and out == b""
+    assert "server() exited (server: missing --config): a program's main(), not a server factory" in err
+    assert "'--threshold'" not in err and "'run'" not in err  # it saw its own path only
+
+
 def test_a_target_whose_import_starts_serving_is_stopped_before_it_serves(tmp_path):
     init = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}})

@@ -234,6 +234,12 @@ def _install():
 
         os.environ[_TOP] = str(os.getpid())
         atexit.register(_at_exit_of_top, os.getpid())
+        path = _record_path()
+        if path is not None:  # left by an earlier process of this pid that was killed
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 def _chain():

@@ -89,8 +89,8 @@ async def test_mcp_server_git_from_its_console_script_answers_as_bare_with_metri
     for tool in ("git_status", "git_diff_unstaged", "git_branch", "git_show"):
         assert sample(metrics, "mcp_server_operation_duration_seconds_count", tool) == 1.0, tool
     assert sample(metrics, "loopwatch_tool_offloaded", "git_status") == 0.0  # a `def` tool: the SDK's thread
-    # Its tools are `def` functions the SDK runs in threads: nothing blocks its loop, and loopwatch says nothing.
-    assert events.exists() and read_events(events) == []
+    # Its tools are `def` functions the SDK runs in threads: none blocks its loop, and none is blamed.
+    assert events.exists() and [e for e in read_events(events) if e.get("tool")] == []
 
 
 @pytest.mark.parametrize("mode", ["legacy", "auto"])

@@ -5,6 +5,7 @@ both protocol eras, against the same command run bare."""
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import anyio
 import pytest
@@ -19,8 +20,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 GIT = "mcp-server-git==2026.10.19"
 TIME = "mcp-server-time==2026.10.19"
 published = venv_fixture("launch-published", [GIT, TIME], loopwatch="[prometheus]")
-# The same server where loopwatch is not installed (a `uvx` tool's environment): the launcher lends its copy.
-time_alone = venv_fixture("launch-time-alone", [TIME], loopwatch=None)
 
 
 @pytest.fixture
@@ -141,19 +140,44 @@ def test_a_factory_with_a_required_argument_as_target_names_it(published):
     assert "create_server() needs arguments (repository)" in err and "loopwatch run -- mcp-server-git" in err
 
 
-async def test_a_server_whose_python_has_no_loopwatch_is_watched_by_the_launchers_copy(time_alone, tmp_path):
+@pytest.fixture(scope="module")
+def alone(published, tmp_path_factory):
+    """Another virtualenv, whose Python has no loopwatch (a `uvx` tool's, say): a bare venv that sees the
+    published servers' packages through a .pth line. That folder's own .pth files are not read from there, so
+    the editable loopwatch installed beside them is not importable."""
     import sys
 
-    assert time_alone.version("loopwatch") is None and time_alone.version("prometheus-client") is None
-    port = free_port()
-    command = [sys.executable, "-m", "loopwatch", "run", "--metrics-port", str(port), "--",
-               "mcp-server-time", "--local-timezone", "Europe/Paris"]
+    from venvs import Venv
+
+    path = tmp_path_factory.mktemp("alone") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True, timeout=120)
+    venv = Venv(path)
+    site = subprocess.run([venv.python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    theirs = subprocess.run([published.python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                            capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    (Path(site) / "published.pth").write_text(theirs + "\n")
+    return venv
+
+
+async def test_a_server_whose_python_has_no_loopwatch_is_watched_by_the_launchers_copy(alone, tmp_path):
+    import sys
+
+    check = subprocess.run([alone.python, "-c", "import importlib.util as u; print(bool(u.find_spec('loopwatch')), "
+                            "bool(u.find_spec('mcp_server_time')), bool(u.find_spec('aiomonitor')))"],
+                           capture_output=True, text=True, timeout=60, env=alone.env())
+    assert check.stdout.split() == ["False", "True", "False"], check.stderr
+    events = tmp_path / "events.jsonl"
+    command = [sys.executable, "-m", "loopwatch", "run", "--monitor", "--events", str(events), "--",
+               "python", "-m", "mcp_server_time", "--local-timezone", "Europe/Paris"]
     calls = [("get_current_time", {"timezone": "Europe/Paris"})]
-    env = time_alone.env()
     with anyio.fail_after(120):
-        got = await session_answers(stdio(command, tmp_path / "err", env), "legacy", calls)
-    assert got["answers"][0]["is_error"] is False
+        got = await session_answers(stdio(command, tmp_path / "err", alone.env()), "legacy", calls)
+        bare = await session_answers(stdio(command[command.index("--") + 1:], tmp_path / "bare.err", alone.env()),
+                                     "legacy", calls)
+    assert got["tools"] == bare["tools"] and got["answers"][0]["is_error"] is False
     err = (tmp_path / "err").read_text().splitlines()
-    missing = [line for line in err if "prometheus-client is not installed" in line]
-    assert len(missing) == 1 and "loopwatch[prometheus]" in missing[0]
+    missing = [line for line in err if "aiomonitor is not installed" in line]
+    assert len(missing) == 1 and "loopwatch[monitor]" in missing[0] and alone.python in missing[0]
     assert any("watches server 'mcp-time'" in line for line in err)
+    assert events.exists()  # the lent copy took the launcher's options

@@ -84,6 +84,10 @@ def launch(command: Sequence[str], options: Mapping[str, str | None], debug: boo
         print(f"loopwatch: {reason}", file=sys.stderr)
         return 126 if "permission denied" in reason else 127
     env = hook_env(os.environ, options, debug)
+    if os.name == "nt":  # no exec there (os.execve starts another process and this one exits): wait for it
+        import subprocess
+
+        return subprocess.call([executable, *command[1:]], env=env)
     _restore_signals()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -47,7 +47,7 @@ def watch_created(server: Any) -> bool:
     _configure_tracing(name)
     policies = options["tool_policies"]
     later = {tool: policy for tool, policy in policies.items() if policy == "always"}
-    now = {tool: policy for tool, policy in policies.items() if tool not in later}
+    now = {tool: "auto" if tool in later else policy for tool, policy in policies.items()}  # keeps the offloader
     handle = _instrument(server, name, {**options, "tool_policies": now})
     if handle is None:
         return False

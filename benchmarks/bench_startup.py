@@ -39,6 +39,18 @@ def spawn_seconds(argv: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - start
 
 
+def site_microseconds(env: dict[str, str]) -> int:
+    """`site`'s cumulative import time in one process (`-X importtime`): where the hook runs, without the
+    interpreter's start and exit around it, which swamp it on a busy machine."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"], env=env, capture_output=True,
+                          text=True, check=True, stdin=subprocess.DEVNULL)
+    for line in done.stderr.splitlines():
+        parts = [p.strip() for p in line.removeprefix("import time:").split("|")]
+        if len(parts) == 3 and parts[2] == "site":
+            return int(parts[1])
+    raise RuntimeError("no `site` line in -X importtime output")
+
+
 def bootstrap_median(values: list[float], draws: int = 2000) -> tuple[float, float]:
     rng = random.Random(1)
     medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
@@ -57,6 +69,19 @@ def main(rounds: int) -> None:
     bare_env.pop("PYTHONDONTWRITEBYTECODE", None)
     hooked_env = hook_env(bare_env, {"LOOPWATCH_THRESHOLD": "0.1", "LOOPWATCH_OFFLOAD": "auto"})
     print(f"python {sys.version.split()[0]}, {rounds} rounds, order shuffled per round")
+    envs = {"bare": bare_env, "hook": hooked_env, "bare again": bare_env}
+    site: dict[str, list[float]] = {label: [] for label in envs}
+    for _ in range(rounds):
+        order = list(envs)
+        random.shuffle(order)
+        for label in order:
+            site[label].append(site_microseconds(envs[label]))
+    print("\nsite's import time in python -c 'pass' (-X importtime; the hook runs inside it)")
+    for label, values in site.items():
+        print(f"  {label:<34} median {statistics.median(values) / 1000:7.2f} ms")
+    median = {label: statistics.median(values) / 1000 for label, values in site.items()}
+    print(f"  hook - bare {median['hook'] - median['bare']:+.2f} ms"
+          f"   (A/A, bare again - bare: {median['bare again'] - median['bare']:+.2f} ms)")
     for name, code in PROGRAMS.items():
         argv = [sys.executable, "-c", code]
         configs = {"bare": (argv, bare_env), "hook": (argv, hooked_env), "bare again": (argv, bare_env)}

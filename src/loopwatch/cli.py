@@ -224,9 +224,10 @@ def launch_command(args: argparse.Namespace, command: list[str] | None, given: S
     from .launch import NOT_PASSED, launch, option_text
 
     problem = None
-    serving = sorted({a.split("=")[0] for a in given} & {"--transport", "--host", "--port"})
-    if command and serving:
-        problem = f"{', '.join(serving)}: for TARGET only; under -- the command serves as its own flags say"
+    serving = sorted({a.split("=")[0] for a in given} & {"--transport", "--host", "--port", "--metrics-path"})
+    if command and serving:  # loopwatch serves TARGET (and adds /metrics to its app); a command serves itself
+        problem = (f"{', '.join(serving)}: for TARGET only; under -- the command serves as its own flags say "
+                   "(metrics: --metrics-port)")
     elif command is None:
         problem = "expected TARGET, or -- COMMAND [ARGS...] (the server's command as its client runs it)"
     elif args.target is not None:

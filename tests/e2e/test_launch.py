@@ -116,15 +116,16 @@ def test_several_servers_each_watched_the_metrics_port_taken_by_the_first_and_th
     port = free_port()
     code = (
         "from mcp.server.mcpserver import MCPServer; from mcp.server.lowlevel import Server; "
-        "a = MCPServer('first'); b = MCPServer('second'); c = Server('third')"
+        "from fastmcp import FastMCP; a = MCPServer('first'); b = MCPServer('second'); c = Server('third'); "
+        "d = FastMCP('fourth')"
     )
     done = run(wrapped([PY, "-c", code], "--metrics-port", str(port), "--offload", "off"))
     err = done.stderr.decode()
     assert done.returncode == 0, err
-    for name in ("first", "second", "third"):
-        assert f"watches server {name!r}" in err
+    for name in ("first", "second", "third", "fourth"):  # the table's three families: each watched once
+        assert err.count(f"watches server {name!r}") == 1
     assert err.count(f"serves Prometheus metrics on http://127.0.0.1:{port}/metrics") == 1
-    assert err.count(f"cannot serve metrics on http://127.0.0.1:{port}/metrics") == 2
+    assert err.count(f"cannot serve metrics on http://127.0.0.1:{port}/metrics") == 3
     assert "watched nothing" not in err
 
 

@@ -9,7 +9,9 @@ again (the A/A line: how far apart two identical configurations land on this mac
 each process from spawn to exit. Two programs: `pass` (the interpreter alone) and one that imports the SDK's
 server modules (where the hook wraps the server classes) but makes no server. Prints the median time of each
 and the median of the per-round ratios against bare, with a 95% bootstrap interval of that median; the
-target is a hook ratio inside the A/A noise. The launcher itself (`loopwatch run --`, a Python process that
+target is a hook ratio inside the A/A noise. On a busy machine a process's start and exit vary by more than
+the hook costs, so its own cost is measured first, inside the process: the import time of `sitecustomize`
+(`-X importtime`), the hook's against bare Python's search for one. The launcher itself (`loopwatch run --`, a Python process that
 execs the command) is timed once per round too, for scale: that is paid once per launch, not per process.
 """
 

@@ -11,8 +11,9 @@ server modules (where the hook wraps the server classes) but makes no server. Pr
 and the median of the per-round ratios against bare, with a 95% bootstrap interval of that median; the
 target is a hook ratio inside the A/A noise. On a busy machine a process's start and exit vary by more than
 the hook costs, so its own cost is measured first, inside the process: the import time of `sitecustomize`
-(`-X importtime`), the hook's against bare Python's search for one. The launcher itself (`loopwatch run --`, a Python process that
-execs the command) is timed once per round too, for scale: that is paid once per launch, not per process.
+(`-X importtime`), the hook's against bare Python's search for one. The launcher itself (`loopwatch run --`,
+a Python process that execs the command) is timed once per round too, for scale: that is paid once per
+launch, not per process.
 """
 
 from __future__ import annotations

@@ -231,6 +231,9 @@ class JsonLinesWriter:
         self.path = os.path.abspath(path)  # once, now: the server may chdir() later
         self.max_bytes = max_bytes
         self.backups = backups
+        self.context: dict[str, Any] = {}
+        """Fields every line carries besides the pid (the server's name): several servers, several
+        processes may write one file."""
         self._failed = False
         self._lock = threading.Lock()
         try:  # fail now, with a clear error, if the file can't be opened at all
@@ -255,7 +258,8 @@ class JsonLinesWriter:
             return os.open(self.path, flags | os.O_WRONLY, 0o600)
 
     def __call__(self, event: Event) -> None:
-        line = (json.dumps(event.to_dict(), separators=(",", ":")) + "\n").encode("utf-8", "surrogatepass")
+        data = {**event.to_dict(), "pid": os.getpid(), **self.context}
+        line = (json.dumps(data, separators=(",", ":")) + "\n").encode("utf-8", "surrogatepass")
         with self._lock:
             try:
                 self._append(line)

@@ -98,6 +98,7 @@ class LoopRef:
     def __init__(self, task_group: anyio.abc.TaskGroup) -> None:
         self.task_group = task_group
         self.thread_id = threading.get_ident()
+        self.library = current_backend()
         self._schedule = _native_scheduler()
 
     def schedule(self, callback: Callable[[], None]) -> bool:
@@ -112,9 +113,26 @@ class LoopRef:
         """Start `fn(*args)` as a task on this loop, from any thread, with the caller's context variables."""
         job = Job(self)
         carried = [(var, value) for var, value in contextvars.copy_context().items() if var.name not in _NOT_CARRIED]
-        if not self.schedule(lambda: self.task_group.start_soon(job.run, fn, args, carried)):
+        if not self.schedule(functools.partial(self._start, job, fn, args, carried)):
             job.future.set_exception(RuntimeError("loopwatch: the target loop is no longer running"))
         return job
+
+    def _start(self, job: Job, fn: Callable[..., Any], args: tuple[Any, ...], carried: list[Any]) -> None:
+        """A loop callback runs outside any task: on a loop started by `asyncio.run` (not `anyio.run`; every
+        server `loopwatch run -- COMMAND` watches that is launched so) sniffio cannot name its library there,
+        and `start_soon` needs it."""
+        token = _LIBRARY.set(self.library) if _LIBRARY is not None else None
+        try:
+            self.task_group.start_soon(job.run, fn, args, carried)
+        finally:
+            if token is not None:
+                _LIBRARY.reset(token)
+
+
+try:
+    from sniffio import current_async_library_cvar as _LIBRARY
+except ImportError:  # anyio without sniffio asks asyncio for the running loop, which a callback has
+    _LIBRARY = None
 
 
 def _native_scheduler() -> Callable[[Callable[[], None]], Any]:

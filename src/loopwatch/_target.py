@@ -29,14 +29,102 @@ def split_target(target: str) -> tuple[str, str | None]:
 def load_target(target: str) -> Any:
     """Import `path/to/server.py[:object]` or `package.module[:object]` and return the server object."""
     where, obj = split_target(target)
-    module = _import(where)
+    with _no_serving(where):
+        module = _import(where)
     names = (obj,) if obj else DEFAULT_NAMES
     for name in names:
-        found = _find_server(module, name)
+        found = _find_server(module, name, where, explicit=obj is not None)
         if found is not None:
             return found
     tried = ", ".join(names)
-    raise TargetError(f"no MCP server object in {where}: tried {tried}")
+    raise TargetError(f"no MCP server object in {where}: tried {tried}; to run it as its client launches it: "
+                      f"{launch_hint(where, module)}")
+
+
+def launch_hint(where: str, module: Any = None) -> str:
+    """The `loopwatch run -- COMMAND` that runs this target's program as its client's config does."""
+    if where.endswith(".py") or os.sep in where or "/" in where:
+        return f"loopwatch run -- python {where} [ARGS...]"
+    package = where.split(".")[0]
+    scripts = [ep.name for ep in _console_scripts() if ep.module.split(".")[0] == package]
+    if scripts:
+        return f"loopwatch run -- {scripts[0]} [ARGS...]"
+    return f"loopwatch run -- python -m {where} [ARGS...]"
+
+
+def _console_scripts() -> list[Any]:
+    from importlib.metadata import entry_points
+
+    try:
+        return list(entry_points(group="console_scripts"))
+    except Exception:  # a broken distribution's metadata must not hide the real message
+        return []
+
+
+def _console_script_of(module: Any, name: str) -> str | None:
+    modname = getattr(module, "__name__", None)
+    return next((ep.name for ep in _console_scripts() if ep.module == modname and ep.attr == name), None)
+
+
+# -- a target whose import serves --------------------------------------------------------------------------
+
+# class -> its methods that start serving; imported here when their SDK is (fastmcp only when already imported).
+SERVE_POINTS = (
+    ("mcp.server.lowlevel.server", "Server", ("run",)),
+    ("mcp.server.mcpserver.server", "MCPServer", ("run", "run_stdio_async", "run_streamable_http_async",
+                                                   "run_sse_async")),
+    ("fastmcp.server.server", "FastMCP", ("run", "run_async")),
+)
+
+
+class _ServesOnImport(BaseException):
+    """Raised by a serve method during the target's import: BaseException, so the server's `except Exception`
+    does not swallow it on the way out."""
+
+
+@contextlib.contextmanager
+def _no_serving(where: str) -> Iterator[None]:
+    """While the target imports, starting to serve stops the import: it would serve bare, unwatched."""
+    saved: list[tuple[type, str, Any]] = []
+    for modname, clsname, methods in SERVE_POINTS:
+        cls = _serve_class(modname, clsname)
+        for method in methods if cls is not None else ():
+            original = cls.__dict__.get(method)
+            if original is not None:
+                saved.append((cls, method, original))
+                setattr(cls, method, _refuse(inspect.iscoroutinefunction(original)))
+    try:
+        yield
+    except _ServesOnImport:
+        raise TargetError(
+            f"importing {where} starts serving (the server runs at import, not under `if __name__ == "
+            f"\"__main__\"`): loopwatch stopped it before it served unwatched; run it as its client launches it: "
+            f"{launch_hint(where)}"
+        ) from None
+    finally:
+        for cls, method, original in saved:
+            setattr(cls, method, original)
+
+
+def _serve_class(modname: str, clsname: str) -> type | None:
+    if modname.startswith("fastmcp") and modname not in sys.modules:
+        return None
+    try:
+        module = importlib.import_module(modname)
+    except ImportError:
+        return None
+    cls = getattr(module, clsname, None)
+    return cls if isinstance(cls, type) else None
+
+
+def _refuse(is_async: bool) -> Any:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise _ServesOnImport
+
+    async def refuse_async(*args: Any, **kwargs: Any) -> Any:
+        raise _ServesOnImport
+
+    return refuse_async if is_async else refuse
 
 
 def _import(where: str) -> Any:
@@ -100,20 +188,49 @@ def is_server(obj: Any) -> bool:
     return not inspect.isclass(obj)
 
 
-def _find_server(module: Any, name: str) -> Any:
+def _find_server(module: Any, name: str, where: str = "", explicit: bool = True) -> Any:
     obj = getattr(module, name, None)
     if obj is None:
         return None
     if is_server(obj):
         return obj
-    if callable(obj) and not inspect.isclass(obj) and not inspect.iscoroutinefunction(obj):
-        try:
-            made = obj() if not _required_params(obj) else None
-        except Exception as exc:
-            raise TargetError(f"{name}() raised {type(exc).__name__}: {exc}") from exc
-        if made is not None and is_server(made):
-            return made
-    return None
+    if not callable(obj) or inspect.isclass(obj):
+        return None
+    hint = launch_hint(where, module)
+    script = _console_script_of(module, name)
+    if script is not None or (explicit and name == "main") or type(obj).__module__.startswith(("click", "typer")):
+        program = f"the console script {script!r}" if script else "a program's"
+        raise TargetError(f"{where}:{name} is {program} main(), not a server: loopwatch never calls it with its "
+                          f"own command line; run the program as its client launches it: {hint}")
+    if inspect.iscoroutinefunction(obj):
+        if explicit:
+            raise TargetError(f"{name} is an async function (it serves by itself, loopwatch cannot call it): {hint}")
+        return None
+    required = _required_params(obj)
+    if required:
+        raise TargetError(f"{name}() needs arguments ({', '.join(required)}) that loopwatch cannot give it; "
+                          f"run the server as its client launches it, with its flags: {hint}")
+    try:
+        with _no_serving(where), _argv(where):
+            made = obj()
+    except TargetError:
+        raise
+    except SystemExit as exc:  # it parsed loopwatch's command line, or checked its own and gave up
+        raise TargetError(f"{name}() exited ({exc.code}): a program's main(), not a server factory: {hint}") from None
+    except Exception as exc:
+        raise TargetError(f"{name}() raised {type(exc).__name__}: {exc}") from exc
+    return made if made is not None and is_server(made) else None
+
+
+@contextlib.contextmanager
+def _argv(where: str) -> Iterator[None]:
+    """A factory that reads the command line sees none (never loopwatch's own)."""
+    saved = sys.argv
+    sys.argv = [where]
+    try:
+        yield
+    finally:
+        sys.argv = saved
 
 
 def _required_params(fn: Any) -> list[str]:

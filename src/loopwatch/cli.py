@@ -129,13 +129,37 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(*flags, dest=name, help=f"{help_text} {env_help}".strip(), **kwargs)
 
 
+RUN_USAGE = "loopwatch run [OPTIONS] -- COMMAND [ARGS...]\n       loopwatch run [OPTIONS] TARGET"
+RUN_DESCRIPTION = """\
+Run a server the way its MCP client's config launches it, with every MCP server it creates watched:
+
+  loopwatch run -- mcp-server-git --repository .
+  loopwatch run --threshold 0.05 --metrics-port 9464 -- python server.py --flag
+  loopwatch run -- uvx --with loopwatch --from mcp-server-time mcp-server-time
+
+In a client's JSON config, put "loopwatch" in "command" and "run", "--" before the old command in "args":
+  "command": "loopwatch", "args": ["run", "--", "mcp-server-git", "--repository", "."]
+
+Or point at a server object: loopwatch run server.py[:object] (served over --transport)."""
+
+
+def split_command(argv: Sequence[str]) -> tuple[list[str], list[str] | None]:
+    """`run [OPTIONS] -- COMMAND...`: loopwatch's arguments and the command (None without `--`)."""
+    argv = list(argv)
+    if "--" not in argv or "run" not in argv[: argv.index("--")]:
+        return argv, None
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1 :]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loopwatch", description="Find what blocks an MCP server's event loop.")
     parser.add_argument("--version", action="version", version=f"loopwatch {__version__}")
     parser.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a server with loopwatch, no code change")
-    run.add_argument("target", help="path/to/server.py[:object] or package.module[:object]")
+    run = sub.add_parser("run", help="run a server with loopwatch, no code change", usage=RUN_USAGE,
+                         description=RUN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("target", nargs="?", help="path/to/server.py[:object] or package.module[:object]")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="tracebacks and debug logs")
     _add_run_options(run)
     demo = sub.add_parser("demo", help="run the bundled example and show what loopwatch finds")
@@ -167,8 +191,12 @@ def setup_logging(debug: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    own, command = split_command(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, unknown = parser.parse_known_args(own)
+        if unknown:  # the subcommand's usage, not the top one's: `run --bad -- CMD` shows the run form
+            subcommand(parser, args.command).error(f"unrecognized arguments: {' '.join(unknown)}")
     except UsageError as exc:
         print(f"loopwatch: {exc}", file=sys.stderr)
         return 2
@@ -181,7 +209,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ._viewers import run_viewer
 
         return run_viewer(args)
+    if command is not None or args.target is None:
+        return launch_command(args, command, own)
     return run_command(args)
+
+
+def subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return actions[0].choices[name] if actions and name in actions[0].choices else parser
+
+
+def launch_command(args: argparse.Namespace, command: list[str] | None, given: Sequence[str] = ()) -> int:
+    """`loopwatch run [OPTIONS] -- COMMAND [ARGS...]`: exec COMMAND with the start-up hook."""
+    from .launch import NOT_PASSED, launch, option_text
+
+    problem = None
+    serving = sorted({a.split("=")[0] for a in given} & {"--transport", "--host", "--port", "--metrics-path"})
+    if command and serving:  # loopwatch serves TARGET (and adds /metrics to its app); a command serves itself
+        problem = (f"{', '.join(serving)}: for TARGET only; under -- the command serves as its own flags say "
+                   "(metrics: --metrics-port)")
+    elif command is None:
+        problem = "expected TARGET, or -- COMMAND [ARGS...] (the server's command as its client runs it)"
+    elif args.target is not None:
+        problem = f"give TARGET or -- COMMAND, not both ({args.target} and -- {' '.join(command)})"
+    elif not command:
+        problem = "nothing after --: give the server's command, e.g. -- mcp-server-git --repository ."
+    if problem is not None:
+        print(f"usage: {RUN_USAGE}\nloopwatch run: error: {problem}", file=sys.stderr)
+        return 2
+    values = vars(args)
+    options = {}
+    for name, flags, _ in RUN_OPTIONS:
+        if name not in NOT_PASSED:
+            value = values[name]
+            if name in ("events", "offload_state") and value:
+                value = os.path.abspath(value)  # the command may change directory
+            options[_env_name(flags[0])] = option_text(value)
+    return launch(command, options, debug=args.debug)
 
 
 def run_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -326,6 +326,8 @@ def instrument(server: Any, **options: Any) -> Handle:
     monitor = Monitor(opts, ToolNames(opts.max_tools, adapter.registered()))
     monitor.where = adapter.where
     monitor.tool_file = _tool_files(adapter)
+    if monitor._writer is not None:  # events lines name their server (several may share a file)
+        monitor._writer.context["server"] = getattr(server, "name", None)
     handle = Handle(server, adapter, monitor)
     handle._install()
     from ._extensions import install_extensions

@@ -168,6 +168,8 @@ class OffloadEvent:
     reason: str
     blocks: int
     event: str = field(default="offloaded", init=False)
+    executes: str = "thread"
+    """Where the tool runs after this decision: loop, thread or process."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -175,8 +177,8 @@ class OffloadEvent:
         return data
 
     def describe(self) -> str:
-        where = {"offloaded": "now runs off the loop", "restored": "runs on the loop again",
-                 "pinned": "is pinned to the loop"}[self.action]
+        where = {"offloaded": f"now runs off the loop (in a {self.executes})", "restored": "runs on the loop again",
+                 "pinned": "is pinned to threads" if self.executes == "thread" else "is pinned to the loop"}[self.action]
         return f"tool {self.tool} {where}: {self.reason} ({self.blocks} blocks so far)"
 
 

@@ -340,6 +340,11 @@ class Offloader:
         self._swapped: dict[str, Callable[[], None]] = {}
         """Tool -> the undo of its swap."""
         self.adapter = handle.adapter
+        self.executes: dict[str, str] = {}
+        """Offloaded tools that run in worker processes ("process"); the others run on worker threads."""
+        from ._procpool import ProcessOffload
+
+        self.processes = ProcessOffload(self)
 
     # lifecycle
     def install(self) -> Offloader:
@@ -348,10 +353,14 @@ class Offloader:
         self.monitor.services.append(self._service)
         self.monitor.where = self._where(self.monitor.where)
         self.handle.middleware.offloaded = self.offloaded
+        self.handle.middleware.executes = self.executes
+        self.processes.install()
         self._load_state()
         for tool, policy in self.policies.items():
             if policy == "always":
                 self._offload(tool, "policy always", blocks=0)
+            elif policy == "process":
+                self.processes.apply(tool, "policy process", blocks=0)
         return self
 
     def close(self) -> None:
@@ -363,6 +372,7 @@ class Offloader:
         if self.on_blocking in self.monitor.blocking_hooks:
             self.monitor.blocking_hooks.remove(self.on_blocking)
         self.pool.close()
+        self.processes.close()
 
     @contextlib.asynccontextmanager
     async def _service(self) -> AsyncIterator[None]:
@@ -380,9 +390,10 @@ class Offloader:
             # The worker loops belong to this run of the server: tell them to end, never waiting for a
             # stuck one here on the loop (it ends when its blocking call returns).
             self.pool.close(timeout=0)
+            self.processes.pool.close(timeout=0)
 
     def _where(self, base: Callable[[str], str]) -> Callable[[str], str]:
-        return lambda tool: "thread" if tool in self.offloaded else base(tool)
+        return lambda tool: self.executes.get(tool, "thread") if tool in self.offloaded else base(tool)
 
     # decisions (watchdog thread, or the console)
     def on_blocking(self, call: Any, elapsed: float, importing: bool, stack: tuple[Any, ...]) -> None:
@@ -433,6 +444,11 @@ class Offloader:
     def set_policy(self, tool: str, policy: str, reason: str = "manual") -> None:
         with self._lock:
             self.policies[tool] = policy
+        if policy == "process":
+            self.processes.apply(tool, f"{reason}: policy process", self._blocks.get(tool, 0))
+            return
+        if self.executes.pop(tool, None) and tool in self.offloaded:
+            self._restore(tool, f"{reason}: policy {policy}, not process")
         if policy == "always":
             self.pinned.pop(tool, None)
             self._offload(tool, f"{reason}: policy always", self._blocks.get(tool, 0))
@@ -448,11 +464,13 @@ class Offloader:
             return
         self.offloaded[tool] = reason
         self._swap_fn(tool)
-        self.monitor.post(OffloadEvent(time=time.time(), tool=tool, action="offloaded", reason=reason, blocks=blocks))
+        self.monitor.post(OffloadEvent(time=time.time(), tool=tool, action="offloaded", reason=reason, blocks=blocks,
+                                       executes="thread"))
         self._save_state()
 
     def _restore(self, tool: str, reason: str, action: str = "restored") -> None:
         self.offloaded.pop(tool, None)
+        self.executes.pop(tool, None)
         self._restore_fn(tool)
         blocks = self._blocks.get(tool, 0)
         self.monitor.post(OffloadEvent(time=time.time(), tool=tool, action=action, reason=reason, blocks=blocks))  # type: ignore[arg-type]
@@ -469,6 +487,11 @@ class Offloader:
         portal, limiter = self.portal, self.limiter
         if portal is None or limiter is None:
             return await _call(fn, args, kwargs)  # not watching (no loop running): run as without loopwatch
+        if self.executes.get(tool) == "process":
+            from ._procpool import OnThreads
+
+            with contextlib.suppress(OnThreads):  # raised only before anything ran in a process
+                return await self.processes.run(tool, fn, args, kwargs)
         args = tuple(LoopBridge(a, portal) if _is_context(a) else a for a in args)
         kwargs = {k: LoopBridge(v, portal) if _is_context(v) else v for k, v in kwargs.items()}
         token = object()
@@ -542,19 +565,26 @@ class Offloader:
             return
         try:
             with open(path, encoding="utf-8") as file:
-                tools = _state_tools(json.load(file))
+                state = json.load(file)
+            tools = _state_tools(state)
         except (OSError, ValueError) as exc:
             logger.error("loopwatch: cannot read offload state %s: %s (starting fresh)", path, _one_line(exc))
             return
+        executes = state.get("executes") if isinstance(state.get("executes"), dict) else {}
         for tool, reason in tools.items():
-            if self.policies.get(tool) != "never":
+            if self.policies.get(tool) == "never":
+                continue
+            if executes.get(tool) == "process":
+                self.processes.apply(tool, f"{LEARNED}{reason}", blocks=0)
+            else:
                 self._offload(tool, f"{LEARNED}{reason}", blocks=0)
 
     def _save_state(self) -> None:
         path = self.options.offload_state
         if not path:
             return
-        data = json.dumps({"offloaded": dict(self.offloaded), "pinned": dict(self.pinned)}, indent=1)
+        data = json.dumps({"offloaded": dict(self.offloaded), "pinned": dict(self.pinned),
+                           "executes": dict(self.executes)}, indent=1)
         tmp = None
         try:
             with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), prefix=".loopwatch-state-",
@@ -574,6 +604,8 @@ class Offloader:
             "policies": dict(self.policies),
             "workers_in_use": self.pool.in_use,
             "workers": self.pool.size,
+            "executes": dict(self.executes),
+            **self.processes.snapshot(),
         }
 
 

@@ -10,7 +10,8 @@ from typing import Any, Literal
 from ._events import EVENTS_BACKUPS, EVENTS_MAX_BYTES
 
 OffloadMode = Literal["auto", "off"]
-ToolPolicy = Literal["auto", "never", "always"]
+ToolPolicy = Literal["auto", "never", "always", "process"]
+OffloadCpu = Literal["thread", "process"]
 
 
 MAX_THRESHOLD = 3600.0
@@ -51,6 +52,12 @@ class Options:
     """Worker loops (threads) for offloaded tools."""
     offload_max_calls: int = 64
     """Offloaded calls in flight at once, over all worker loops; more wait their turn (no unbounded queue)."""
+    offload_processes: int = 2
+    """Worker processes for tools with policy `process` (one call each at a time; more calls wait)."""
+    offload_cpu: OffloadCpu = "thread"
+    """Where a tool whose blocks are `cpu` moves: a thread (it still takes the GIL) or a process."""
+    offload_process_memory: int | None = None
+    """Address-space limit of each worker process, in MiB (None: none). A call over it fails; the worker is replaced."""
     metrics: bool | None = None
     """Export Prometheus metrics. None: on when a port, path or registry is given."""
     metrics_port: int | None = None
@@ -82,13 +89,19 @@ class Options:
             raise OptionError(f"threshold must be at most {MAX_THRESHOLD:.0f} s, not {self.threshold!r}")
         if self.offload not in ("auto", "off"):
             raise OptionError(f"offload must be 'auto' or 'off', not {self.offload!r}")
-        for name in ("max_tools", "recent_events", "strikes", "offload_workers", "offload_max_calls"):
+        for name in ("max_tools", "recent_events", "strikes", "offload_workers", "offload_max_calls",
+                     "offload_processes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise OptionError(f"{name} must be a positive integer, not {value!r}")
         for tool, policy in self.tool_policies.items():
-            if policy not in ("auto", "never", "always"):
-                raise OptionError(f"policy for tool {tool!r} must be auto, never or always, not {policy!r}")
+            if policy not in ("auto", "never", "always", "process"):
+                raise OptionError(f"policy for tool {tool!r} must be auto, never, always or process, not {policy!r}")
+        if self.offload_cpu not in ("thread", "process"):
+            raise OptionError(f"offload_cpu must be 'thread' or 'process', not {self.offload_cpu!r}")
+        memory = self.offload_process_memory
+        if memory is not None and (not isinstance(memory, int) or isinstance(memory, bool) or memory < 64):
+            raise OptionError(f"offload_process_memory must be a whole number of MiB, at least 64, not {memory!r}")
         for name in ("events_max_bytes", "events_backups"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

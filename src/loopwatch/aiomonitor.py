@@ -634,7 +634,12 @@ def policy_text(handles: Sequence[Any], tool: str, policy: str, server: str | No
     except (LookupError, RuntimeError, ValueError) as exc:
         return f"✗ {exc}"
     runs = handle.monitor.where(tool)
-    if policy == "always" and runs != "thread":
+    if policy == "process":
+        if runs == "process":
+            return f"✓ {tool} runs in a worker process from its next call (policy process)"
+        why = handle.offload.processes.can_move(tool) or "see the server's log"
+        return f"✗ {tool} cannot run in a process ({why}); it runs on {runs}"
+    if policy == "always" and runs not in ("thread", "process"):
         return f"✗ {tool} stays on the loop: {server_name(handle)} has no such tool that loopwatch can move"
     if policy == "always":
         return f"✓ {tool} runs off the loop from its next call (policy always)"
@@ -685,13 +690,14 @@ def _where(handles: Sequence[Any], full: bool) -> str:
     return where_text(handles[0].monitor, full)
 
 
-def _offload(handles: Sequence[Any], tool: str, server: str | None) -> str:
+def _offload(handles: Sequence[Any], tool: str, server: str | None, process: bool = False) -> str:
     """Run a tool off the loop from now on.
 
-    Sets the tool's policy to always: its calls run on a worker thread. Needs offload on
-    (--offload auto). Written to the events like every offload decision.
+    Sets the tool's policy to always: its calls run on a worker thread; with --process, to
+    process: they run in a worker process (for CPU-bound tools: no shared GIL). Needs offload
+    on (--offload auto). Written to the events like every offload decision.
     """
-    return policy_text(handles, tool, "always", server)
+    return policy_text(handles, tool, "process" if process else "always", server)
 
 
 def _restore(handles: Sequence[Any], tool: str, server: str | None) -> str:
@@ -795,7 +801,8 @@ def add_commands() -> None:
     command("lw-blocks", _blocks, count, every_frame)
     command("lw-lag", _lag)
     command("lw-where", _where, every_frame)
-    command("lw-offload", _offload, tool, server)
+    in_process = click.option("-p", "--process", "process", is_flag=True, help="in a worker process, not a thread")
+    command("lw-offload", _offload, tool, server, in_process)
     command("lw-restore", _restore, tool, server)
     prefix = click.argument("prefix", required=False)
     command("lw-profile", _profile, prefix, server)

@@ -66,8 +66,8 @@ def _policies(text: str) -> dict[str, str]:
     result: dict[str, str] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         tool, sep, policy = part.partition("=")
-        if not sep or policy not in ("auto", "never", "always"):
-            raise argparse.ArgumentTypeError(f"{part!r}: expected TOOL=auto|never|always")
+        if not sep or policy not in ("auto", "never", "always", "process"):
+            raise argparse.ArgumentTypeError(f"{part!r}: expected TOOL=auto|never|always|process")
         result[tool] = policy
     return result
 
@@ -84,12 +84,18 @@ RUN_OPTIONS: list[tuple[str, tuple[str, ...], dict[str, Any]]] = [
                                  "help": "auto: tools caught blocking run their later calls off the loop"}),
     ("offload_state", ("--offload-state",), {"metavar": "FILE", "help": "remember offloaded tools across restarts"}),
     ("tool_policies", ("--offload-policy",), {"type": _policies, "default": {}, "metavar": "TOOL=POLICY,...",
-                                              "help": "per tool: never (thread-affine), always, auto"}),
+                                              "help": "per tool: never (thread-affine), always, process, auto"}),
     ("strikes", ("--offload-strikes",), {"type": _positive_int, "default": 1, "help": "blocks before a tool moves"}),
     ("offload_workers", ("--offload-workers",), {"type": _positive_int, "default": 4,
                                                  "help": "loop threads for offloaded tools"}),
     ("offload_max_calls", ("--offload-max-calls",), {"type": _positive_int, "default": 64,
                                                      "help": "offloaded calls in flight at once; more wait"}),
+    ("offload_processes", ("--offload-processes",), {"type": _positive_int, "default": 2,
+                                                     "help": "worker processes for tools with policy process"}),
+    ("offload_cpu", ("--offload-cpu",), {"choices": ("thread", "process"), "default": "thread",
+                                         "help": "where a CPU-bound blocker moves by itself"}),
+    ("offload_process_memory", ("--offload-process-memory",), {"type": _positive_int, "metavar": "MIB",
+                                                               "help": "address-space limit per worker process"}),
     ("events", ("--events",), {"metavar": "FILE", "help": "append every event as a JSON line"}),
     ("include_arguments", ("--include-arguments",), {**_SWITCH, "help": "tool argument values in block reports"}),
     ("monitor", ("--monitor",), {**_SWITCH, "help": "serve an aiomonitor console with lw- commands"}),
@@ -258,6 +264,9 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
         "strikes": args.strikes,
         "offload_workers": args.offload_workers,
         "offload_max_calls": args.offload_max_calls,
+        "offload_processes": args.offload_processes,
+        "offload_cpu": args.offload_cpu,
+        "offload_process_memory": args.offload_process_memory,
         "events": args.events,
         "include_arguments": args.include_arguments,
         "monitor": args.monitor,

@@ -48,6 +48,8 @@ class LoopwatchMiddleware:
         self.rows = monitor.stats.tools
         self.offloaded: dict[str, str] = {}
         """Tools the offloader moved off the loop (shared with it)."""
+        self.executes: dict[str, str] = {}
+        """Offloaded tools that run in a process (shared with the offloader); the others run on a thread."""
 
     async def __call__(self, ctx: Any, call_next: Callable[[Any], Any]) -> Any:
         """Every request. With no call hooks (no traces, no metrics) nothing is allocated per call: the
@@ -98,7 +100,7 @@ class LoopwatchMiddleware:
             raw = report_text(name) if isinstance(name, str) else None
             _lw_call = CallRecord(method, raw, request_id, ctx, label)
             if label in self.offloaded:
-                _lw_call.execution = "thread"
+                _lw_call.execution = self.executes.get(label, "thread")
         else:
             label = ""
             _lw_call = CallRecord(method, None, request_id, ctx)
@@ -180,7 +182,7 @@ def _read_served(frame: Any) -> CallRecord | None:
         call.label = label
         middleware = local.get("self")
         if label in getattr(middleware, "offloaded", ()):
-            call.execution = "thread"
+            call.execution = getattr(middleware, "executes", {}).get(label, "thread")
     return call
 
 
@@ -273,8 +275,8 @@ class Handle:
 
         Raises RuntimeError when offload is off (`offload="off"`), ValueError for an unknown policy.
         """
-        if policy not in ("auto", "never", "always"):
-            raise ValueError(f"policy must be auto, never or always, not {policy!r}")
+        if policy not in ("auto", "never", "always", "process"):
+            raise ValueError(f"policy must be auto, never, always or process, not {policy!r}")
         if self.offload is None:
             raise RuntimeError("offload is off: start with offload='auto' (--offload auto)")
         self.offload.set_policy(tool, policy, reason="manual")

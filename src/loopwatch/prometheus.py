@@ -133,6 +133,31 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=registry,
         )
+        self.in_process = Gauge(
+            "loopwatch_tool_in_process",
+            "1 while the tool's calls run in the offload process pool (policy process), else 0.",
+            tool,
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
+        self.process_pool_in_use = Gauge(
+            "loopwatch_offload_processes_in_use",
+            "Tool calls running in the offload process pool's workers (sampled every second while watched).",
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.process_pool_size = Gauge(
+            "loopwatch_offload_processes",
+            "Worker processes the offload process pool may use (--offload-processes); 0 until offload runs.",
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.process_pool_alive = Gauge(
+            "loopwatch_offload_processes_alive",
+            "Worker processes of the offload process pool running now (they start when a tool first needs them).",
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
         self.offload_pool_in_use = Gauge(
             "loopwatch_offload_pool_in_use",
             "Tool calls running on the offload pool's worker loops (sampled every second while watched).",
@@ -347,6 +372,11 @@ class LoopMetrics:
         if pool is not None:
             self._metrics.offload_pool_in_use.set(pool.in_use)
             self._metrics.offload_pool_size.set(pool.size)
+        processes = getattr(getattr(self._handle.offload, "processes", None), "pool", None)
+        if processes is not None:
+            self._metrics.process_pool_in_use.set(processes.in_use)
+            self._metrics.process_pool_size.set(processes.size)
+            self._metrics.process_pool_alive.set(processes.alive)
 
     def stopped(self) -> None:
         """Watching stopped (on the loop thread): no lag is measured now, so the peak is no longer news.
@@ -408,7 +438,9 @@ class OffloadMetrics:
         if not isinstance(event, OffloadEvent):
             return
         tool = self._label(event.tool)
-        self._metrics.offloaded.labels(tool).set(1 if event.action == "offloaded" else 0)
+        off_loop = event.action == "offloaded" or (event.action == "pinned" and event.executes == "thread")
+        self._metrics.offloaded.labels(tool).set(1 if off_loop else 0)
+        self._metrics.in_process.labels(tool).set(1 if off_loop and event.executes == "process" else 0)
         self._metrics.offload_decisions.labels(tool, event.action).inc()
 
     def replay(self, events: Iterable[Event]) -> None:

@@ -118,6 +118,7 @@ class WorkerProcess:
         self.pool = pool
         self.call: _Call | None = None
         self.ready = False
+        self.retiring = False
         self._lock = threading.Lock()
         self._kill: threading.Timer | None = None
         self.conn, child = _socket_pair()
@@ -189,6 +190,8 @@ class WorkerProcess:
             if call is not None and call.id == message[1]:
                 call.deliver(message)
         elif kind == "done":
+            if message[2] == "raised" and message[3][0] is MemoryError:
+                self.retiring = True  # it exits now (see _procworker): no further call for it
             self._finish()
             if call is not None and call.id == message[1]:
                 call.deliver(message)
@@ -278,7 +281,7 @@ class ProcessPool:
         if self.failed:
             raise PoolCannotStart(self.failed)
         with self._lock:
-            idle = next((w for w in self.workers if w.call is None), None)
+            idle = next((w for w in self.workers if w.call is None and not w.retiring), None)
             if idle is not None:
                 return idle
         return self._start()
@@ -359,13 +362,21 @@ class ProcessOffload:
 
     def install(self) -> ProcessOffload:
         self.offloader.monitor.block_hooks.append(self.on_block)
+        self.offloader.monitor.start_hooks.append(self._warm_all)
         return self
 
     def close(self) -> None:
-        hooks = self.offloader.monitor.block_hooks
-        if self.on_block in hooks:
-            hooks.remove(self.on_block)
+        monitor = self.offloader.monitor
+        for hooks, hook in ((monitor.block_hooks, self.on_block), (monitor.start_hooks, self._warm_all)):
+            if hook in hooks:
+                hooks.remove(hook)
         self.pool.close()
+
+    def _warm_all(self) -> None:
+        """Watching starts (loop thread): tools decided before (policy, state file) get their workers now."""
+        tools = [t for t, where in self.offloader.executes.items() if where == "process" and t in self.refs]
+        if tools:
+            self.pool.warm(self.refs[tools[0]])
 
     # decisions
     def can_move(self, tool: str) -> str | None:

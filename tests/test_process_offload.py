@@ -1,0 +1,271 @@
+"""Process offload: a tool's calls run in worker processes; answers, errors and context are as on the loop."""
+
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+
+import anyio
+import pytest
+from mcp import Client
+
+import loopwatch
+from loopwatch import OffloadEvent
+from loopwatch._options import OptionError, Options
+from loopwatch.aiomonitor import policy_text
+from loopwatch.cli import _policies
+
+from helpers import fresh, threads_left
+
+pytestmark = pytest.mark.anyio
+
+ALL = ("crunch", "crunch_sync", "words", "refuse", "crash", "protocol_error", "where", "progress", "uses_lifespan",
+       "die", "stuck_in_c", "hog", "unpicklable_result")
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+def wrapped(policies=ALL, **options):
+    server = fresh("cpu_server", "mcp")
+    options = {"threshold": 0.1, "log_blocks": False, "traces": False, "offload_processes": 1, **options}
+    handle = loopwatch.instrument(server, tool_policies={t: "process" for t in policies}, **options)
+    return server, handle
+
+
+def offload_events(handle, tool):
+    return [e for e in handle.monitor.recent if isinstance(e, OffloadEvent) and e.tool == tool]
+
+
+async def until(check, timeout=30.0):
+    with anyio.fail_after(timeout):
+        while not check():  # noqa: ASYNC110 - the state is read from the pool's tables
+            await anyio.sleep(0.01)
+
+
+def children() -> set[int]:
+    """Live child processes of this process (zombies too: an unreaped worker counts as left behind)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        with open(task / "children") as file:
+            found.update(int(pid) for pid in file.read().split())
+    return found
+
+
+async def answers(server, calls):
+    out = []
+    async with Client(server) as client:
+        for name, args in calls:
+            try:
+                out.append((await client.call_tool(name, args)).model_dump(exclude={"meta"}))
+            except Exception as exc:  # a JSON-RPC error: its code, message and data
+                out.append(("raised", type(exc).__name__, str(exc), getattr(getattr(exc, "error", None), "data", None)))
+    return out
+
+
+async def test_answers_and_error_texts_are_identical_in_a_process_and_on_the_loop():
+    calls = [("crunch", {"rounds": 5000}), ("crunch_sync", {"rounds": 300}), ("words", {"text": "a b  c"}),
+             ("refuse", {"why": "no stock"}), ("crash", {"secret": "hunter2"}), ("protocol_error", {}),
+             ("crunch", {"rounds": "many"}), ("words", {})]
+    bare = await answers(fresh("cpu_server", "mcp"), calls)
+    server, handle = wrapped()
+    in_process = await answers(server, calls)
+    assert in_process == bare
+    assert handle.offload.processes.pool.started >= 1  # the calls did go to a worker
+    assert handle.snapshot()["tools"]["crunch"]["executes"] == "process"
+    handle.uninstrument()
+
+
+async def test_the_call_runs_in_another_process_and_snapshot_shows_it():
+    server, handle = wrapped()
+    async with Client(server) as client:
+        pid = (await client.call_tool("where", {})).structured_content["result"]
+        snapshot = handle.offload.snapshot()
+    assert pid != os.getpid() and pid in {w.process.pid for w in handle.offload.processes.pool.workers}
+    assert snapshot["executes"]["where"] == "process" and snapshot["processes"] == 1
+    assert [e.executes for e in offload_events(handle, "where")] == ["process"]
+    handle.uninstrument()
+
+
+async def test_progress_and_log_messages_made_in_the_worker_reach_the_client_in_order():
+    server, handle = wrapped()
+    progress, logs = [], []
+
+    async def on_progress(value, total, message):
+        progress.append((value, total, message))
+
+    async def on_log(params):
+        logs.append(params.data)
+
+    async with Client(server, mode="legacy", logging_callback=on_log) as client:
+        result = await client.call_tool("progress", {"steps": 5}, progress_callback=on_progress)
+    assert result.is_error is False and result.content[0].text.startswith("done 5 for request ")
+    assert progress == [(i, 5, f"step {i}") for i in range(1, 6)]
+    assert any("starting 5 steps" in str(data) for data in logs)
+    assert handle.offload.executes.get("progress") == "process", "a context that crosses keeps the tool in a process"
+    handle.uninstrument()
+
+
+async def test_the_lifespan_context_does_not_cross_the_call_fails_clearly_and_the_tool_is_pinned_to_threads():
+    server, handle = wrapped()
+    async with Client(server) as client:
+        first = await client.call_tool("uses_lifespan", {})
+        second = await client.call_tool("uses_lifespan", {})
+    text = first.content[0].text
+    assert first.is_error and "uses_lifespan" in text and "lifespan_context" in text and "cannot cross" in text
+    assert second.is_error is False and second.content[0].text == "a live pool"
+    [pinned] = [e for e in offload_events(handle, "uses_lifespan") if e.action == "pinned"]
+    assert pinned.executes == "thread" and "lifespan" in pinned.reason
+    assert handle.snapshot()["tools"]["uses_lifespan"]["executes"] == "thread"
+    handle.uninstrument()
+
+
+async def test_a_result_that_does_not_pickle_fails_clearly_and_pins_the_tool_to_threads():
+    server, handle = wrapped()
+    async with Client(server) as client:
+        result = await client.call_tool("unpicklable_result", {})
+    assert result.is_error and "does not pickle" in result.content[0].text
+    assert handle.monitor.where("unpicklable_result") == "thread"
+    handle.uninstrument()
+
+
+async def test_a_worker_that_is_killed_answers_its_call_with_an_error_and_is_replaced():
+    server, handle = wrapped()
+    async with Client(server) as client:
+        before = (await client.call_tool("where", {})).structured_content["result"]
+        died = await client.call_tool("die", {})
+        after = (await client.call_tool("where", {})).structured_content["result"]
+    assert died.is_error and "died (killed by SIGKILL)" in died.content[0].text
+    assert after != before and handle.offload.processes.pool.alive == 1
+    handle.uninstrument()
+
+
+async def test_a_call_over_the_memory_limit_fails_and_its_worker_is_replaced():
+    server, handle = wrapped(offload_process_memory=1024)
+    async with Client(server) as client:
+        before = (await client.call_tool("where", {})).structured_content["result"]
+        over = await client.call_tool("hog", {"megabytes": 4096})
+        fine = await client.call_tool("hog", {"megabytes": 8})
+        after = (await client.call_tool("where", {})).structured_content["result"]
+    assert over.is_error and fine.structured_content == {"result": 8 * 1024 * 1024}
+    assert after != before
+    handle.uninstrument()
+
+
+async def test_cancelling_a_call_stuck_in_c_kills_its_worker_after_the_grace_period_and_replaces_it():
+    server, handle = wrapped()
+    pool = handle.offload.processes.pool
+    pool.grace = 0.5
+    async with Client(server) as client:
+        before = (await client.call_tool("where", {})).structured_content["result"]
+        with anyio.move_on_after(1.0):
+            await client.call_tool("stuck_in_c", {})
+        await until(lambda: pool.in_use == 0 and before not in {w.process.pid for w in pool.workers})
+        after = (await client.call_tool("where", {})).structured_content["result"]
+    assert after != before
+    handle.uninstrument()
+
+
+async def test_a_storm_of_200_cancelled_process_calls_leaves_no_process_thread_or_slot_behind():
+    threads_before = set(threading.enumerate())
+    children_before = children()
+    server, handle = wrapped(offload_processes=2)
+    processes = handle.offload.processes
+    async with Client(server) as client:
+        assert (await client.call_tool("crunch", {"rounds": 10})).is_error is False
+        for _ in range(2):
+            async with anyio.create_task_group() as tg:
+                for _ in range(100):
+                    tg.start_soon(client.call_tool, "crunch", {"rounds": 50_000_000})
+                await until(lambda: handle.snapshot()["tools"]["crunch"]["in_flight"] == 100)
+                tg.cancel_scope.cancel()
+        await until(lambda: processes.pool.in_use == 0 and processes._limiter.borrowed_tokens == 0)
+        assert len(children() - children_before) <= 2
+        assert (await client.call_tool("crunch", {"rounds": 10})).structured_content["rounds"] == 10
+    assert handle.snapshot()["tools"]["crunch"]["errors"] == 200
+    handle.uninstrument()
+    assert children() - children_before == set()
+    assert await threads_left(threads_before) == []
+
+
+async def test_a_pool_that_cannot_start_says_so_once_and_its_tools_answer_on_threads(caplog):
+    server, handle = wrapped()
+    handle.offload.processes.pool.python = "/nonexistent/python"
+    with caplog.at_level(logging.ERROR, logger="loopwatch"):
+        async with Client(server) as client:
+            results = [await client.call_tool("crunch", {"rounds": 100}) for _ in range(3)]
+    assert [r.structured_content["rounds"] for r in results] == [100] * 3
+    assert len([r for r in caplog.records if "cannot start" in r.getMessage()]) == 1
+    assert handle.monitor.where("crunch") == "thread"
+    assert [e.executes for e in offload_events(handle, "crunch") if e.action == "pinned"] == ["thread"]
+    handle.uninstrument()
+
+
+async def beside(client, name, args):
+    async with anyio.create_task_group() as tg:
+        for i in range(4):
+            tg.start_soon(client.call_tool, "ping", {"n": i})
+        await anyio.sleep(0.005)
+        tg.start_soon(client.call_tool, name, args)
+
+
+async def test_with_offload_cpu_process_a_cpu_blocker_moves_to_a_process_on_its_first_strike():
+    server, handle = wrapped(policies=(), offload_cpu="process")
+    async with Client(server) as client:
+        await beside(client, "crunch", {"rounds": 3_000_000})
+        await handle.monitor.settle()
+        await until(lambda: handle.offload.executes.get("crunch") == "process", 10)
+        result = await client.call_tool("crunch", {"rounds": 1000})
+    assert result.structured_content["rounds"] == 1000
+    moved = [e for e in offload_events(handle, "crunch") if e.executes == "process"]
+    assert moved and "[cpu]" in moved[0].reason and "--offload-cpu process" in moved[0].reason
+    assert handle.snapshot()["tools"]["crunch"]["executes"] == "process"
+    handle.uninstrument()
+
+
+async def test_by_default_a_cpu_blocker_moves_to_a_thread_and_the_decision_says_a_process_would_cure_it():
+    server, handle = wrapped(policies=())
+    async with Client(server) as client:
+        await beside(client, "crunch", {"rounds": 3_000_000})
+        await handle.monitor.settle()
+        await until(lambda: any("would cure it" in e.reason for e in offload_events(handle, "crunch")), 10)
+    advice = [e for e in offload_events(handle, "crunch") if "would cure it" in e.reason]
+    assert "--offload-policy crunch=process would cure it" in advice[0].reason and advice[0].executes == "thread"
+    assert handle.monitor.where("crunch") == "thread"
+    handle.uninstrument()
+
+
+async def test_the_console_moves_a_tool_to_a_process_and_says_why_when_it_cannot():
+    server, handle = wrapped(policies=())
+    assert policy_text([handle], "crunch", "process") == "✓ crunch runs in a worker process from its next call " \
+                                                         "(policy process)"
+    assert handle.monitor.where("crunch") == "process"
+    handle.uninstrument()
+    low = fresh("low_server", "server")
+    low_handle = loopwatch.instrument(low, log_blocks=False, traces=False)
+    tools = [t for t in ("slow", "block", "lookup") if t]
+    text = policy_text([low_handle], tools[0], "process")
+    assert text.startswith("✗") and "cannot run in a process" in text and "low-level" in text
+    low_handle.uninstrument()
+
+
+async def test_the_state_file_remembers_that_a_tool_runs_in_a_process(tmp_path):
+    state = tmp_path / "state.json"
+    server, handle = wrapped(policies=("crunch",), offload_state=str(state))
+    assert json.loads(state.read_text())["executes"] == {"crunch": "process"}
+    handle.uninstrument()
+    server, handle = wrapped(policies=(), offload_state=str(state))
+    assert handle.monitor.where("crunch") == "process"
+    handle.uninstrument()
+
+
+def test_the_process_options_are_checked():
+    assert _policies("convert=process,b=never") == {"convert": "process", "b": "never"}
+    assert Options(tool_policies={"a": "process"}, offload_cpu="process").offload_processes == 2
+    with pytest.raises(OptionError, match="offload_cpu"):
+        Options(offload_cpu="fork")
+    with pytest.raises(OptionError, match="offload_process_memory"):
+        Options(offload_process_memory=1)

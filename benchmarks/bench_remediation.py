@@ -6,6 +6,10 @@ Runs the bundled demo server over stdio twice, bare (`mcp.run()`) and wrapped (`
 client. Each round sends 8 honest calls (`ping`) at once; in the blocked phase the same round also calls
 `lookup`, an async tool that blocks on synchronous I/O for 250 ms and reports progress. Prints honest-call p99
 against the quiet server's, and the loop lag loopwatch measured before and after it moved the tool.
+
+The CPU-bound case (`--case cpu`, run after the first by default) does the same with `fingerprint`, an async tool
+that crunches pure Python for ~300 ms and reports progress: bare, moved to a thread (`--offload-cpu thread`, the
+default: the thread still takes the GIL from the loop) and moved to a worker process (`--offload-cpu process`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ def p99(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
 
 
-async def one_round(client, blocker: bool, progress: list) -> list[float]:
+async def one_round(client, blocker: bool, progress: list, call=("lookup", {"sku": "X"}), answers=None) -> list[float]:
     latencies: list[float] = []
 
     async def honest(i: int) -> None:
@@ -41,16 +45,21 @@ async def one_round(client, blocker: bool, progress: list) -> list[float]:
     async def on_progress(value, total, message):
         progress.append(value)
 
+    async def blocked() -> None:
+        result = await client.call_tool(*call, progress_callback=on_progress)
+        if answers is not None:
+            answers.append(result.model_dump(exclude={"meta"}))
+
     async with anyio.create_task_group() as tg:
         for i in range(HONEST):
             tg.start_soon(honest, i)
         if blocker:
             await anyio.sleep(0.002)
-            tg.start_soon(lambda: client.call_tool("lookup", {"sku": "X"}, progress_callback=on_progress))
+            tg.start_soon(blocked)
     return latencies
 
 
-async def measure(command: list[str], rounds: int, log) -> dict:
+async def measure(command: list[str], rounds: int, log, call=("lookup", {"sku": "X"})) -> dict:
     params = StdioServerParameters(command=command[0], args=command[1:], env={**os.environ})
     async with Client(stdio_client(params, errlog=log)) as client:
         for _ in range(3):
@@ -60,11 +69,14 @@ async def measure(command: list[str], rounds: int, log) -> dict:
             quiet += await one_round(client, False, [])
         per_round: list[list[float]] = []
         progress: list = []
-        for _ in range(rounds):
-            per_round.append(await one_round(client, True, progress))
-            await anyio.sleep(0.02)
+        answers: list = []
+        for index in range(rounds):
+            per_round.append(await one_round(client, True, progress, call, answers))
+            # After the first blocked round (the one that moves the tool): let a new worker start, so the later
+            # rounds measure the cure, not its one-off start-up (the same pause for every server).
+            await anyio.sleep(1.5 if index == 0 else 0.02)
     after = [x for r in per_round[1:] for x in r]
-    return {"quiet": quiet, "first": per_round[0], "after": after, "progress": len(progress)}
+    return {"quiet": quiet, "first": per_round[0], "after": after, "progress": len(progress), "answers": answers}
 
 
 def lag_from_events(path: Path) -> tuple[list[float], str | None]:
@@ -76,7 +88,50 @@ def lag_from_events(path: Path) -> tuple[list[float], str | None]:
     return blocks, moved
 
 
-async def main(rounds: int) -> None:
+async def cpu_case(rounds: int) -> None:
+    """The pure-Python blocker: honest p99 after the move to a thread and to a process, against a quiet server's."""
+    from loopwatch.demo.driver import calibrate_rounds
+
+    folder = Path(tempfile.mkdtemp(prefix="loopwatch-remediation-cpu-"))
+    call = ("fingerprint", {"rounds": calibrate_rounds(0.3)})
+    server_file = str(Path(__import__("loopwatch.demo.server").demo.server.__file__))
+    bare_cmd = [sys.executable, "-c", "from loopwatch.demo.server import mcp; mcp.run()"]
+    runs = {}
+    with open(folder / "stderr.log", "w") as log:
+        runs["bare server"] = await measure(bare_cmd, rounds, log, call)
+        for where in ("thread", "process"):
+            events = folder / f"events-{where}.jsonl"
+            cmd = [sys.executable, "-m", "loopwatch", "run", server_file, "--offload", "auto", "--offload-cpu", where,
+                   "--events", str(events)]
+            runs[f"--offload-cpu {where}"] = await measure(cmd, rounds, log, call)
+    quiet = p99(runs["bare server"]["quiet"])
+    print(f"\n{rounds} rounds of {HONEST} honest calls; blocked rounds add one ~300 ms pure-Python call (fingerprint)")
+    for name, data in runs.items():
+        print(f"{name:<26} quiet p99 {p99(data['quiet']) * 1000:6.1f} ms | beside the blocker: later rounds p99 "
+              f"{p99(data['after']) * 1000:6.1f} ms = {p99(data['after']) / quiet:5.2f}x the bare server's quiet p99 "
+              f"| progress {data['progress']} of {2 * rounds}")
+    thread, process = (p99(runs[f"--offload-cpu {w}"]["after"]) / quiet for w in ("thread", "process"))
+    same = all(runs[name]["answers"] == runs["bare server"]["answers"] for name in runs)
+    print(f"after the move, honest p99 / quiet p99: process {process:.2f}x (target <= 1.5x), thread {thread:.2f}x; "
+          f"answers identical to the bare server's: {same}")
+    for where in ("thread", "process"):
+        decisions = [e for e in _events(folder / f"events-{where}.jsonl") if e["event"] in ("offloaded", "pinned")]
+        print(f"decisions ({where}): " + " | ".join(f"{e['event']} to {e.get('executes')}: {e['reason']}"
+                                                     for e in decisions))
+
+
+def _events(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+async def main(rounds: int, case: str = "all") -> None:
+    if case in ("all", "io"):
+        await io_case(rounds)
+    if case in ("all", "cpu"):
+        await cpu_case(rounds)
+
+
+async def io_case(rounds: int) -> None:
     folder = Path(tempfile.mkdtemp(prefix="loopwatch-remediation-"))
     events = folder / "events.jsonl"
     bare_cmd = [sys.executable, "-c", "from loopwatch.demo.server import mcp; mcp.run()"]
@@ -103,4 +158,6 @@ async def main(rounds: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=25)
-    anyio.run(main, parser.parse_args().rounds)
+    parser.add_argument("--case", choices=("all", "io", "cpu"), default="all")
+    arguments = parser.parse_args()
+    anyio.run(main, arguments.rounds, arguments.case)

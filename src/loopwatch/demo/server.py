@@ -25,9 +25,12 @@ async def lookup(sku: str, ctx: Context) -> dict:
 
 
 @mcp.tool()
-async def fingerprint(rounds: int = 150_000) -> str:
+async def fingerprint(ctx: Context, rounds: int = 150_000) -> str:
     """Blocks by crunching numbers on the loop."""
-    return inventory.fingerprint(rounds)
+    await ctx.report_progress(0, 1)
+    digest = inventory.fingerprint(rounds)
+    await ctx.report_progress(1, 1)
+    return digest
 
 
 @mcp.tool()

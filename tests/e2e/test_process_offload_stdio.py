@@ -91,7 +91,7 @@ async def read_response(process, request_id):
 async def test_no_worker_process_outlives_the_server_even_one_stuck_in_c(tmp_path, how):
     process = subprocess.Popen(
         [sys.executable, "-m", "loopwatch", "run", str(SERVER), "--offload-policy", POLICY,
-         "--offload-processes", "2"], cwd=str(FIXTURES),
+         "--offload-processes", "1"], cwd=str(FIXTURES),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )
     try:

@@ -269,3 +269,23 @@ def test_the_process_options_are_checked():
         Options(offload_cpu="fork")
     with pytest.raises(OptionError, match="offload_process_memory"):
         Options(offload_process_memory=1)
+
+
+async def test_spans_and_metrics_say_the_call_executes_in_a_process(exporter):
+    from prometheus_client import CollectorRegistry
+
+    exporter.clear()
+    registry = CollectorRegistry()
+    server, handle = wrapped(policies=("crunch",), traces=True, metrics_registry=registry)
+    async with Client(server) as client:
+        await client.call_tool("crunch", {"rounds": 100})
+        await until(lambda: registry.get_sample_value("loopwatch_offload_processes_alive") == 1, 10)
+        await until(lambda: registry.get_sample_value("loopwatch_offload_processes_in_use") == 0, 10)
+        with anyio.fail_after(10):
+            while not [s for s in exporter.get_finished_spans() if s.name == "tools/call crunch"]:
+                await anyio.sleep(0.02)
+    [span] = [s for s in exporter.get_finished_spans() if s.name == "tools/call crunch"]
+    assert span.attributes["loopwatch.execution"] == "process"
+    assert registry.get_sample_value("loopwatch_tool_in_process", {"gen_ai_tool_name": "crunch"}) == 1
+    assert registry.get_sample_value("loopwatch_offload_processes") == 1
+    handle.uninstrument()

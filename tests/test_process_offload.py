@@ -289,3 +289,32 @@ async def test_spans_and_metrics_say_the_call_executes_in_a_process(exporter):
     assert registry.get_sample_value("loopwatch_tool_in_process", {"gen_ai_tool_name": "crunch"}) == 1
     assert registry.get_sample_value("loopwatch_offload_processes") == 1
     handle.uninstrument()
+
+
+async def fastmcp_answers(app, calls):
+    import fastmcp
+
+    out, progress = [], []
+
+    async def on_progress(value, total, message):
+        progress.append((value, total))
+
+    async with fastmcp.Client(app) as client:
+        for name, args in calls:
+            result = await client.call_tool(name, args, progress_handler=on_progress, raise_on_error=False)
+            data = result.structured_content
+            out.append((result.is_error, {k: v for k, v in (data or {}).items() if k != "pid"},
+                        [getattr(c, "text", None) for c in result.content if "pid" not in str(getattr(c, "text", ""))]))
+    return out, progress
+
+
+async def test_a_fastmcp_tool_in_a_process_answers_as_on_the_loop_with_its_progress():
+    calls = [("crunch", {"rounds": 3000}), ("fail", {"reason": "closed"})]
+    bare = await fastmcp_answers(fresh("fm_cpu_server", "app"), calls)
+    app = fresh("fm_cpu_server", "app")
+    handle = loopwatch.instrument(app, log_blocks=False, traces=False, offload_processes=1,
+                                  tool_policies={"crunch": "process", "fail": "process"})
+    moved = await fastmcp_answers(app, calls)
+    assert moved == bare and bare[1] == [(0.0, 1.0), (1.0, 1.0)]
+    assert handle.offload.processes.pool.started == 1 and handle.monitor.where("crunch") == "process"
+    handle.uninstrument()

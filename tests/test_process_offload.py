@@ -84,7 +84,9 @@ async def test_the_call_runs_in_another_process_and_snapshot_shows_it():
     async with Client(server) as client:
         pid = (await client.call_tool("where", {})).structured_content["result"]
         snapshot = handle.offload.snapshot()
-    assert pid != os.getpid() and pid in {w.process.pid for w in handle.offload.processes.pool.workers}
+        workers = {w.process.pid for w in handle.offload.processes.pool.workers}
+    assert pid != os.getpid() and pid in workers
+    assert handle.offload.processes.pool.workers == [], "the server's end stops its workers"
     assert snapshot["executes"]["where"] == "process" and snapshot["processes"] == 1
     assert [e.executes for e in offload_events(handle, "where")] == ["process"]
     handle.uninstrument()
@@ -138,8 +140,9 @@ async def test_a_worker_that_is_killed_answers_its_call_with_an_error_and_is_rep
         before = (await client.call_tool("where", {})).structured_content["result"]
         died = await client.call_tool("die", {})
         after = (await client.call_tool("where", {})).structured_content["result"]
+        alive = handle.offload.processes.pool.alive
     assert died.is_error and "died (killed by SIGKILL)" in died.content[0].text
-    assert after != before and handle.offload.processes.pool.alive == 1
+    assert after != before and alive == 1
     handle.uninstrument()
 
 

@@ -37,6 +37,9 @@ logger = logging.getLogger("loopwatch")
 KILL_GRACE = 2.0
 """Seconds a cancelled call's worker gets to stop before it is killed and replaced (stuck in C, say)."""
 
+START_TIMEOUT = 60.0
+"""Seconds a starting worker may take before a cancelled call waiting for it has the worker killed."""
+
 REFUSED = {"lifespan_context": "the server's lifespan context (its state lives in the server process)"}
 """Context attributes that never cross to a worker, even when they pickle: a copy would silently fork state."""
 
@@ -119,13 +122,14 @@ class WorkerProcess:
         self.call: _Call | None = None
         self.ready = False
         self.retiring = False
+        self.killed = False
         self._lock = threading.Lock()
         self._kill: threading.Timer | None = None
         self.conn, child = _socket_pair()
         try:
             self.process = subprocess.Popen(
                 [pool.python, "-c", f"from loopwatch._procworker import boot; boot({child.fileno()})"],
-                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(),
+                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=2,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         finally:
@@ -158,11 +162,18 @@ class WorkerProcess:
         self._kill = timer
         timer.start()
 
-    def _kill_if_running(self, call: _Call) -> None:
-        if self.call is call:
-            logger.warning("loopwatch: tool %s did not stop within %.1f s of its cancellation; its worker process "
-                           "is killed and replaced", call.tool, self.pool.grace)
-            self.process.kill()
+    def _kill_if_running(self, call: _Call, waited: float = 0.0) -> None:
+        if self.call is not call:
+            return
+        waited += self.pool.grace
+        if not self.ready and waited < START_TIMEOUT:  # still starting: the call never began and ends at once then
+            self._kill = timer = threading.Timer(self.pool.grace, self._kill_if_running, args=(call, waited))
+            timer.daemon = True
+            timer.start()
+            return
+        logger.warning("loopwatch: tool %s did not stop within %.1f s of its cancellation; its worker process "
+                       "is killed and replaced", call.tool, waited)
+        self.kill()
 
     def warm(self, ref: Any) -> None:
         try:
@@ -215,13 +226,18 @@ class WorkerProcess:
         with self._lock:
             self.conn.close()
         text = _exit_text(self.process.returncode)
-        if not self.ready:
+        if not self.ready and not self.killed:
             self.pool.start_failed(f"a worker process exited before it was ready ({text})")
         if call is not None:
             call.deliver(("died", call.id, text, self.ready))
             call.release()
 
+    def kill(self) -> None:
+        self.killed = True
+        self.process.kill()
+
     def stop(self) -> None:
+        self.retiring = True
         try:
             self.send(("stop",))
         except (OSError, ValueError):
@@ -263,6 +279,7 @@ class ProcessPool:
         self.failed: str | None = None
         self.on_failure: Any = None
         self.workers: list[WorkerProcess] = []
+        self._retired: list[WorkerProcess] = []
         self.started = 0
         self._lock = threading.Lock()
 
@@ -325,7 +342,10 @@ class ProcessPool:
     def close(self, timeout: float = 2.0) -> None:
         """Stop every worker: asked first, killed when `timeout` passes (0: ask, kill what is busy)."""
         with self._lock:
-            workers = list(self.workers)
+            workers, self.workers = self.workers, []  # a later run of the server starts workers of its own
+            self._retired = [w for w in self._retired if w.process.poll() is None] + workers
+            if timeout > 0:  # the last close: wait for those an earlier one only asked to stop, too
+                workers = self._retired
         for worker in workers:
             worker.stop()
         deadline = time.monotonic() + timeout
@@ -334,7 +354,7 @@ class ProcessPool:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     worker.process.wait(max(0.0, deadline - time.monotonic()))
             if worker.process.poll() is None and (timeout > 0 or worker.call is not None):
-                worker.process.kill()
+                worker.kill()
         if timeout > 0:
             for worker in workers:
                 with contextlib.suppress(subprocess.TimeoutExpired):

@@ -92,7 +92,8 @@ async def test_the_call_runs_in_another_process_and_snapshot_shows_it():
     handle.uninstrument()
 
 
-async def test_progress_and_log_messages_made_in_the_worker_reach_the_client_in_order():
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_progress_and_log_messages_made_in_the_worker_reach_the_client_in_order(anyio_backend):
     server, handle = wrapped()
     progress, logs = [], []
 
@@ -320,4 +321,22 @@ async def test_a_fastmcp_tool_in_a_process_answers_as_on_the_loop_with_its_progr
     moved = await fastmcp_answers(app, calls)
     assert moved == bare and bare[1] == [(0.0, 1.0), (1.0, 1.0)]
     assert handle.offload.processes.pool.started == 1 and handle.monitor.where("crunch") == "process"
+    handle.uninstrument()
+
+
+async def test_lw_offload_process_moves_a_tool_to_a_worker_process_and_lw_tools_shows_it():
+    from test_aiomonitor import lw, started_console
+
+    from helpers import free_port
+
+    server, handle = wrapped(policies=(), monitor=True, monitor_port=free_port(3))
+    async with Client(server) as client:
+        aiomonitor = await started_console(handle)
+        await client.call_tool("crunch", {"rounds": 10})
+        moved = lw(aiomonitor, "lw-offload", "--process", "crunch")
+        answer = await client.call_tool("crunch", {"rounds": 10})
+        tools = lw(aiomonitor, "lw-tools")
+    assert moved.startswith("✓ crunch runs in a worker process")
+    assert answer.structured_content["rounds"] == 10 and handle.offload.processes.pool.started == 1
+    assert [line.split()[-1] for line in tools.splitlines() if line.split()[:1] == ["crunch"]] == ["process"]
     handle.uninstrument()

@@ -37,6 +37,9 @@ logger = logging.getLogger("loopwatch")
 KILL_GRACE = 2.0
 """Seconds a cancelled call's worker gets to stop before it is killed and replaced (stuck in C, say)."""
 
+CPU_BOUND = 0.25
+"""Share of a `cpu` block the loop thread really ran on a CPU before a process is said to cure it."""
+
 START_TIMEOUT = 60.0
 """Seconds a starting worker may take before a cancelled call waiting for it has the worker killed."""
 
@@ -464,6 +467,8 @@ class ProcessOffload:
         the decision to move it to a thread says that a process would cure it."""
         off = self.offloader
         if event.kind != "cpu" or call is None or call.method != "tools/call" or call.label != call.tool:
+            return
+        if event.cpu_s < CPU_BOUND * event.duration_s:  # `cpu` counts run-queue waits too: a loaded machine's sleep
             return
         tool = call.label
         if tool in self._advised or off.executes.get(tool) == "process" or tool not in off.offloaded:

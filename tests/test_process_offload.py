@@ -208,37 +208,82 @@ async def test_a_pool_that_cannot_start_says_so_once_and_its_tools_answer_on_thr
     handle.uninstrument()
 
 
-async def beside(client, name, args):
-    async with anyio.create_task_group() as tg:
-        for i in range(4):
-            tg.start_soon(client.call_tool, "ping", {"n": i})
-        await anyio.sleep(0.005)
-        tg.start_soon(client.call_tool, name, args)
+class FakeContext:
+    """A request's context as far as the strike count needs one (weakly referenced, one per call)."""
+
+
+REQUESTS = iter(range(1, 1000))
+KEEP: list = []
+
+
+def cpu_block(tool, cpu_share=0.9, kind="cpu"):
+    """What the watchdog tells the hooks when a call of `tool` held the loop 300 ms (injected: no timing here)."""
+    from loopwatch._blame import CallRecord
+    from loopwatch._events import BlockEvent
+
+    event = BlockEvent(time=0.0, duration_s=0.3, kind=kind, tool=tool, method="tools/call", request_id="1",
+                       session_id=None, cpu_s=0.3 * cpu_share, samples=30)
+    return event, CallRecord("tools/call", tool, next(REQUESTS), FakeContext(), tool)
+
+
+def strike(handle, tool, **block):
+    """The first strike, as the watchdog delivers it: the move while the block goes on, then its end."""
+    event, call = cpu_block(tool, **block)
+    KEEP.append(call)
+    handle.offload.on_blocking(call, 0.15, False, ())
+    for hook in list(handle.monitor.block_hooks):
+        hook(event, call)
 
 
 async def test_with_offload_cpu_process_a_cpu_blocker_moves_to_a_process_on_its_first_strike():
     server, handle = wrapped(policies=(), offload_cpu="process")
+    strike(handle, "crunch")
     async with Client(server) as client:
-        await beside(client, "crunch", {"rounds": 3_000_000})
-        await handle.monitor.settle()
-        await until(lambda: handle.offload.executes.get("crunch") == "process", 10)
         result = await client.call_tool("crunch", {"rounds": 1000})
-    assert result.structured_content["rounds"] == 1000
+        pid = (await client.call_tool("where", {})).structured_content["result"]
+    assert result.structured_content["rounds"] == 1000 and handle.offload.processes.pool.started == 1
     moved = [e for e in offload_events(handle, "crunch") if e.executes == "process"]
-    assert moved and "[cpu]" in moved[0].reason and "--offload-cpu process" in moved[0].reason
+    assert "[cpu]" in moved[0].reason and "--offload-cpu process" in moved[0].reason
     assert handle.snapshot()["tools"]["crunch"]["executes"] == "process"
+    assert pid == os.getpid(), "a tool that never blocked stays where it was"
     handle.uninstrument()
 
 
 async def test_by_default_a_cpu_blocker_moves_to_a_thread_and_the_decision_says_a_process_would_cure_it():
     server, handle = wrapped(policies=())
-    async with Client(server) as client:
-        await beside(client, "crunch", {"rounds": 3_000_000})
-        await handle.monitor.settle()
-        await until(lambda: any("would cure it" in e.reason for e in offload_events(handle, "crunch")), 10)
-    advice = [e for e in offload_events(handle, "crunch") if "would cure it" in e.reason]
-    assert "--offload-policy crunch=process would cure it" in advice[0].reason and advice[0].executes == "thread"
+    strike(handle, "crunch")
+    strike(handle, "words", cpu_share=0.1)  # `cpu` by demand, but the loop thread hardly ran: a loaded machine
+    assert handle.monitor.where("crunch") == "thread" and handle.monitor.where("words") == "thread"
+    [first, advice] = offload_events(handle, "crunch")
+    assert (first.executes, advice.executes) == ("thread", "thread")
+    assert "--offload-policy crunch=process would cure it" in advice.reason and "[cpu]" in advice.reason
+    assert [e.reason for e in offload_events(handle, "words") if "cure" in e.reason] == []
+    handle.uninstrument()
+
+
+async def test_a_cpu_blocker_that_cannot_run_in_a_process_stays_on_a_thread_and_says_why():
+    server, handle = wrapped(policies=(), offload_cpu="process")
+    handle.offload.processes.pool.failed = "no python here"
+    strike(handle, "crunch")
     assert handle.monitor.where("crunch") == "thread"
+    [_, advice] = offload_events(handle, "crunch")
+    assert "stays on a thread: the process pool cannot start (no python here)" in advice.reason
+    handle.uninstrument()
+
+
+async def test_a_real_cpu_block_is_reported_with_the_cure_when_the_machine_classifies_it_cpu():
+    """End to end (the watchdog classifies): a loaded machine may call this block `gil`, so only `cpu` is checked."""
+    server, handle = wrapped(policies=())
+
+    async with Client(server) as client:
+        async with anyio.create_task_group() as tg:
+            for i in range(4):
+                tg.start_soon(client.call_tool, "ping", {"n": i})
+            tg.start_soon(client.call_tool, "crunch", {"rounds": 3_000_000})
+        await handle.monitor.settle()
+    blocks = [e for e in handle.monitor.recent if getattr(e, "kind", None) == "cpu" and e.tool == "crunch"]
+    if blocks and blocks[0].cpu_s >= 0.25 * blocks[0].duration_s:
+        await until(lambda: any("would cure it" in e.reason for e in offload_events(handle, "crunch")), 10)
     handle.uninstrument()
 
 

@@ -385,3 +385,13 @@ async def test_lw_offload_process_moves_a_tool_to_a_worker_process_and_lw_tools_
     assert answer.structured_content["rounds"] == 10 and handle.offload.processes.pool.started == 1
     assert [line.split()[-1] for line in tools.splitlines() if line.split()[:1] == ["crunch"]] == ["process"]
     handle.uninstrument()
+
+
+def test_decisions_say_where_the_tool_runs_now():
+    def event(action, executes):
+        return OffloadEvent(time=0.0, tool="t", action=action, reason="r", blocks=1, executes=executes)
+
+    assert "now runs off the loop (in a process)" in event("offloaded", "process").describe()
+    assert "is pinned to threads" in event("pinned", "thread").describe()
+    assert "is pinned to the loop" in event("pinned", "loop").describe()
+    assert event("offloaded", "process").to_dict()["executes"] == "process"

@@ -177,8 +177,9 @@ class OffloadEvent:
         return data
 
     def describe(self) -> str:
+        pinned = "is pinned to threads" if self.executes == "thread" else "is pinned to the loop"
         where = {"offloaded": f"now runs off the loop (in a {self.executes})", "restored": "runs on the loop again",
-                 "pinned": "is pinned to threads" if self.executes == "thread" else "is pinned to the loop"}[self.action]
+                 "pinned": pinned}[self.action]
         return f"tool {self.tool} {where}: {self.reason} ({self.blocks} blocks so far)"
 
 

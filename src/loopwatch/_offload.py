@@ -473,7 +473,8 @@ class Offloader:
         self.executes.pop(tool, None)
         self._restore_fn(tool)
         blocks = self._blocks.get(tool, 0)
-        self.monitor.post(OffloadEvent(time=time.time(), tool=tool, action=action, reason=reason, blocks=blocks))  # type: ignore[arg-type]
+        self.monitor.post(OffloadEvent(time=time.time(), tool=tool, action=action, reason=reason, blocks=blocks,  # type: ignore[arg-type]
+                                       executes="loop"))
         self._save_state()
 
     def _pin(self, tool: str, reason: str) -> None:

@@ -551,7 +551,7 @@ class ProcessOffload:
             if not ready:
                 raise OnThreads  # the pool never started (said once, the tools pinned to threads): nothing ran
             raise tool_error(self.offloader.adapter.kind, f"loopwatch: the worker process running tool {tool} died "
-                                                   f"({text}) before it answered; a new one replaces it")
+                                                          f"({text}) before it answered; a new one replaces it")
         _, _, status, value = message
         if status == "ok":
             return value
@@ -562,8 +562,8 @@ class ProcessOffload:
             raise OnThreads
         if status == "cross":
             call.crossed = f"{value}"
-            raise tool_error(self.offloader.adapter.kind, f"loopwatch: tool {tool} runs in a worker process, and {value}; "
-                                                   f"{tool} runs on a thread from its next call")
+            text = f"loopwatch: tool {tool} runs in a worker process, and {value}; it runs on a thread from now on"
+            raise tool_error(self.offloader.adapter.kind, text)
         raise RuntimeError(f"loopwatch: tool {tool}'s call ended {status} in its worker process")
 
     async def _answer(self, call: _Call, worker: WorkerProcess, contexts: list[Any], message: tuple[Any, ...]) -> None:

@@ -183,11 +183,12 @@ async def test_a_storm_of_200_cancelled_process_calls_leaves_no_process_thread_o
         for _ in range(2):
             async with anyio.create_task_group() as tg:
                 for _ in range(100):
-                    tg.start_soon(client.call_tool, "crunch", {"rounds": 50_000_000})
+                    tg.start_soon(client.call_tool, "crunch", {"rounds": 10**10})  # hours, unless interrupted
                 await until(lambda: handle.snapshot()["tools"]["crunch"]["in_flight"] == 100)
                 tg.cancel_scope.cancel()
         await until(lambda: processes.pool.in_use == 0 and processes._limiter.borrowed_tokens == 0)
         assert len(children() - children_before) <= 2
+        assert processes.pool.started == 2, "the running calls were interrupted in their workers, none killed"
         assert (await client.call_tool("crunch", {"rounds": 10})).structured_content["rounds"] == 10
     assert handle.snapshot()["tools"]["crunch"]["errors"] == 200
     handle.uninstrument()

@@ -37,8 +37,9 @@ logger = logging.getLogger("loopwatch")
 KILL_GRACE = 2.0
 """Seconds a cancelled call's worker gets to stop before it is killed and replaced (stuck in C, say)."""
 
-CPU_BOUND = 0.25
-"""Share of a `cpu` block the loop thread really ran on a CPU before a process is said to cure it."""
+CPU_BOUND = 0.5
+"""Share of a `cpu` block the loop thread must really have run on a CPU (of its fair share of the machine, by
+the load average) before a process is said to cure it."""
 
 START_TIMEOUT = 60.0
 """Seconds a starting worker may take before a cancelled call waiting for it has the worker killed."""
@@ -382,6 +383,8 @@ class ProcessOffload:
         self._ids = iter(range(1, 1 << 62))
         self._limiter: anyio.CapacityLimiter | None = None
         self._limiter_portal: Any = None
+        self.load = os.getloadavg
+        """The load average (injected in tests)."""
 
     def install(self) -> ProcessOffload:
         self.offloader.monitor.block_hooks.append(self.on_block)
@@ -462,13 +465,23 @@ class ProcessOffload:
         for tool in [t for t, where in self.offloader.executes.items() if where == "process"]:
             self.pin(tool, f"the process pool cannot start ({text})")
 
+    def _cpu_bound(self, event: Any) -> bool:
+        """Whether the loop thread really ran on a CPU for most of what this machine's load let it: a `cpu` block
+        counts run-queue waits too, and on a loaded machine a sleep has been read as `cpu` by that demand."""
+        try:
+            load = self.load()[0]
+        except OSError:
+            load = 0.0
+        fair_share = min(1.0, (os.cpu_count() or 1) / load) if load > 0 else 1.0
+        return event.cpu_s >= CPU_BOUND * fair_share * event.duration_s
+
     def on_block(self, event: Any, call: Any) -> None:
         """A `cpu` block (watchdog thread): with --offload-cpu process the tool moves to a process now; otherwise
         the decision to move it to a thread says that a process would cure it."""
         off = self.offloader
         if event.kind != "cpu" or call is None or call.method != "tools/call" or call.label != call.tool:
             return
-        if event.cpu_s < CPU_BOUND * event.duration_s:  # `cpu` counts run-queue waits too: a loaded machine's sleep
+        if not self._cpu_bound(event):
             return
         tool = call.label
         if tool in self._advised or off.executes.get(tool) == "process" or tool not in off.offloaded:

@@ -397,3 +397,17 @@ def test_decisions_say_where_the_tool_runs_now():
     assert "is pinned to threads" in event("pinned", "thread").describe()
     assert "is pinned to the loop" in event("pinned", "loop").describe()
     assert event("offloaded", "process").to_dict()["executes"] == "process"
+
+
+async def test_a_tool_in_a_process_can_still_ask_the_client():
+    import mcp_types as types
+
+    async def answer(context, params):
+        return types.ElicitResult(action="accept", content={"ok": True})
+
+    server, handle = wrapped(policies=("confirm",))
+    async with Client(server, mode="legacy", elicitation_callback=answer) as client:
+        result = await client.call_tool("confirm", {"sku": "E"})
+    assert result.content[0].text == "accept:True"
+    assert handle.monitor.where("confirm") == "process" and handle.offload.processes.pool.started == 1
+    handle.uninstrument()

@@ -37,6 +37,10 @@ logger = logging.getLogger("loopwatch")
 KILL_GRACE = 2.0
 """Seconds a cancelled call's worker gets to stop before it is killed and replaced (stuck in C, say)."""
 
+WORKER_NICE = 5
+"""Workers run this much nicer than the server: on a contended core the loop (and the honest calls it serves)
+wins over an offloaded crunch."""
+
 CPU_BOUND = 0.5
 """Share of a `cpu` block the loop thread must really have run on a CPU (of its fair share of the machine, by
 the load average) before a process is said to cure it."""
@@ -138,7 +142,7 @@ class WorkerProcess:
             )
         finally:
             child.close()
-        self.send(("init", list(sys.path), pool.memory_mb))
+        self.send(("init", list(sys.path), pool.memory_mb, pool.nice))
         self.reader = threading.Thread(target=self._read, name=f"loopwatch-process-{index}-reader", daemon=True)
         self.reader.start()
 
@@ -279,6 +283,7 @@ class ProcessPool:
         self.size = size
         self.memory_mb = memory_mb
         self.python = sys.executable
+        self.nice = WORKER_NICE
         self.grace = KILL_GRACE
         self.failed: str | None = None
         self.on_failure: Any = None

@@ -333,8 +333,11 @@ def boot(fd: int) -> None:
     from multiprocessing.connection import Connection
 
     conn = Connection(fd)
-    _, path, memory_mb = conn.recv()  # ("init", the server's sys.path, memory limit)
+    _, path, memory_mb, nice = conn.recv()  # ("init", the server's sys.path, memory limit, niceness)
     sys.path[:] = path
+    if nice:
+        with contextlib.suppress(OSError):
+            os.nice(nice)
     main(conn, memory_mb)
 
 

@@ -8,8 +8,9 @@ client. Each round sends 8 honest calls (`ping`) at once; in the blocked phase t
 against the quiet server's, and the loop lag loopwatch measured before and after it moved the tool.
 
 The CPU-bound case (`--case cpu`, run after the first by default) does the same with `fingerprint`, an async tool
-that crunches pure Python for ~300 ms and reports progress: bare, moved to a thread (`--offload-cpu thread`, the
-default: the thread still takes the GIL from the loop) and moved to a worker process (`--offload-cpu process`).
+that crunches pure Python for ~300 ms and reports progress, on four servers open at once and measured round by
+round in turn: bare, bare again (the A/A line), the tool on a thread (`--offload-policy fingerprint=always`: the
+thread still takes the GIL from the loop) and in a worker process (`--offload-policy fingerprint=process`).
 """
 
 from __future__ import annotations
@@ -89,39 +90,55 @@ def lag_from_events(path: Path) -> tuple[list[float], str | None]:
 
 
 async def cpu_case(rounds: int) -> None:
-    """The pure-Python blocker: honest p99 after the move to a thread and to a process, against a quiet server's."""
+    """The pure-Python blocker beside honest calls on three servers at once, rounds interleaved (so the load of a
+    shared machine falls on all alike): bare, the tool on a thread, the tool in a worker process."""
+    import contextlib
+
     from loopwatch.demo.driver import calibrate_rounds
 
     folder = Path(tempfile.mkdtemp(prefix="loopwatch-remediation-cpu-"))
     call = ("fingerprint", {"rounds": calibrate_rounds(0.3)})
     server_file = str(Path(__import__("loopwatch.demo.server").demo.server.__file__))
-    bare_cmd = [sys.executable, "-c", "from loopwatch.demo.server import mcp; mcp.run()"]
-    runs = {}
+    commands = {
+        "bare server": [sys.executable, "-c", "from loopwatch.demo.server import mcp; mcp.run()"],
+        "bare server (A/A)": [sys.executable, "-c", "from loopwatch.demo.server import mcp; mcp.run()"],
+        "on a thread": [sys.executable, "-m", "loopwatch", "run", server_file, "--offload-policy",
+                        "fingerprint=always", "--events", str(folder / "events-thread.jsonl")],
+        "in a process": [sys.executable, "-m", "loopwatch", "run", server_file, "--offload-policy",
+                         "fingerprint=process", "--events", str(folder / "events-process.jsonl")],
+    }
+    data = {name: {"quiet": [], "after": [], "progress": [], "answers": []} for name in commands}
     with open(folder / "stderr.log", "w") as log:
-        runs["bare server"] = await measure(bare_cmd, rounds, log, call)
-        for where in ("thread", "process"):
-            events = folder / f"events-{where}.jsonl"
-            cmd = [sys.executable, "-m", "loopwatch", "run", server_file, "--offload", "auto", "--offload-cpu", where,
-                   "--events", str(events)]
-            runs[f"--offload-cpu {where}"] = await measure(cmd, rounds, log, call)
-    quiet = p99(runs["bare server"]["quiet"])
-    print(f"\n{rounds} rounds of {HONEST} honest calls; blocked rounds add one ~300 ms pure-Python call (fingerprint)")
-    for name, data in runs.items():
-        print(f"{name:<26} quiet p99 {p99(data['quiet']) * 1000:6.1f} ms | beside the blocker: later rounds p99 "
-              f"{p99(data['after']) * 1000:6.1f} ms = {p99(data['after']) / quiet:5.2f}x the bare server's quiet p99 "
-              f"| progress {data['progress']} of {2 * rounds}")
-    thread, process = (p99(runs[f"--offload-cpu {w}"]["after"]) / quiet for w in ("thread", "process"))
-    own = {w: p99(runs[f"--offload-cpu {w}"]["after"]) / p99(runs[f"--offload-cpu {w}"]["quiet"])
-           for w in ("thread", "process")}
-    same = all(runs[name]["answers"] == runs["bare server"]["answers"] for name in runs)
-    print(f"after the move, honest p99 / the bare server's quiet p99: process {process:.2f}x (target <= 1.5x), "
-          f"thread {thread:.2f}x; / the same server's own quiet p99 (measured minutes apart on a shared machine, "
-          f"so less of its drift): process {own['process']:.2f}x, thread {own['thread']:.2f}x")
+        async with contextlib.AsyncExitStack() as stack:
+            clients = {}
+            for name, command in commands.items():
+                params = StdioServerParameters(command=command[0], args=command[1:], env={**os.environ})
+                clients[name] = await stack.enter_async_context(Client(stdio_client(params, errlog=log)))
+            for client in clients.values():  # warm up: imports, caches, the worker process's start
+                for _ in range(3):
+                    await one_round(client, False, [])
+                await one_round(client, True, [], call)
+            await anyio.sleep(1.5)
+            for _ in range(rounds):
+                for name, client in clients.items():
+                    data[name]["quiet"] += await one_round(client, False, [])
+                for name, client in clients.items():
+                    row = data[name]
+                    row["after"] += await one_round(client, True, row["progress"], call, row["answers"])
+                    await anyio.sleep(0.02)
+    quiet = p99(data["bare server"]["quiet"] + data["bare server (A/A)"]["quiet"])  # both bare servers, pooled
+    print(f"\n{rounds} rounds of {HONEST} honest calls on four servers, interleaved; blocked rounds add one ~300 ms "
+          f"pure-Python call (fingerprint, reporting progress) beside them")
+    for name, row in data.items():
+        print(f"{name:<18} quiet p99 {p99(row['quiet']) * 1000:6.1f} ms | beside the blocker p99 "
+              f"{p99(row['after']) * 1000:6.1f} ms = {p99(row['after']) / quiet:5.2f}x the bare servers' quiet p99 "
+              f"| progress {len(row['progress'])} of {2 * rounds}")
+    thread, process = (p99(data[name]["after"]) / quiet for name in ("on a thread", "in a process"))
+    same = all(row["answers"] == data["bare server"]["answers"] for row in data.values())
+    print(f"honest p99 beside the blocker / a quiet server's: in a process {process:.2f}x (target <= 1.5x), "
+          f"on a thread {thread:.2f}x, bare {p99(data['bare server']['after']) / quiet:.2f}x; A/A (quiet p99 of one "
+          f"bare server / the other's): {p99(data['bare server (A/A)']['quiet']) / p99(data['bare server']['quiet']):.2f}x")
     print(f"answers identical to the bare server's: {same}")
-    for where in ("thread", "process"):
-        decisions = [e for e in _events(folder / f"events-{where}.jsonl") if e["event"] in ("offloaded", "pinned")]
-        print(f"decisions ({where}): " + " | ".join(f"{e['event']} to {e.get('executes')}: {e['reason']}"
-                                                     for e in decisions))
 
 
 def _events(path: Path) -> list[dict]:

@@ -271,7 +271,8 @@ class Handle:
         return next((e for e in self.extensions if type(e).__name__ == "Offloader"), None)
 
     def set_tool_policy(self, tool: str, policy: str) -> None:
-        """`always` moves a tool off the loop now, `never` pins it on the loop, `auto` lets blocks decide.
+        """`always` moves a tool off the loop now (to a thread), `process` to a worker process, `never` pins it on
+        the loop, `auto` lets blocks decide.
 
         Raises RuntimeError when offload is off (`offload="off"`), ValueError for an unknown policy.
         """

@@ -1,5 +1,6 @@
-"""`loopwatch run` with tools in worker processes, over stdio: answers as the bare server's, progress delivered,
-and no worker left running once the server ends, however it ends (SIGTERM, SIGKILL, stdin closed)."""
+"""`loopwatch run` with tools in worker processes, over stdio (and streamable HTTP): answers as the bare server's,
+progress delivered, and no worker left running once the server ends, however it ends (SIGTERM, SIGKILL, stdin
+closed)."""
 
 import json
 import os
@@ -59,6 +60,42 @@ async def test_answers_errors_and_progress_are_the_bare_servers_when_tools_run_i
     decisions = [e for e in read_events(events) if e["event"] == "offloaded"]
     assert {e["tool"] for e in decisions if e["executes"] == "process"} == set(POLICY.replace("=process", "").split(","))
     assert not [e for e in read_events(events) if e["event"] == "pinned"]
+
+
+async def test_over_streamable_http_the_tool_runs_in_a_process_with_its_progress(tmp_path):
+    from helpers import free_port
+
+    port, events = free_port(), tmp_path / "events.jsonl"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "loopwatch", "run", str(SERVER), "--transport", "streamable-http", "--port", str(port),
+         "--offload-policy", POLICY, "--offload-processes", "1", "--events", str(events)],
+        cwd=str(FIXTURES), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+    )
+    progress = []
+
+    async def on_progress(value, total, message):
+        progress.append(message)
+
+    try:
+        with anyio.fail_after(90):
+            while True:
+                try:
+                    async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy") as client:
+                        result = await client.call_tool("progress", {"steps": 2}, progress_callback=on_progress)
+                        worker = (await client.call_tool("where", {})).structured_content["result"]
+                    break
+                except Exception:  # not listening yet
+                    assert server.poll() is None, "the server exited"
+                    await anyio.sleep(0.2)
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert result.is_error is False and progress == ["step 1", "step 2"]
+    assert worker != server.pid
+    with anyio.move_on_after(10):
+        while alive(worker):
+            await anyio.sleep(0.05)
+    assert not alive(worker), "the worker ended with the server"
 
 
 INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {

@@ -153,3 +153,32 @@ async def test_no_worker_process_outlives_the_server_even_one_stuck_in_c(tmp_pat
             process.kill()
             process.wait(10)
     assert not alive(worker)
+
+
+async def test_notifications_cancelled_kills_a_worker_stuck_in_c_and_a_new_one_answers(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "loopwatch", "run", str(SERVER), "--offload-policy", POLICY,
+         "--offload-processes", "1"], cwd=str(FIXTURES),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )
+
+    def send(*messages):
+        process.stdin.write("".join(json.dumps(m) + "\n" for m in messages).encode())
+        process.stdin.flush()
+
+    try:
+        with anyio.fail_after(90):
+            send(INITIALIZE, {"jsonrpc": "2.0", "method": "notifications/initialized"}, call(2, "where", {}))
+            await read_response(process, 1)
+            stuck = (await read_response(process, 2))["result"]["structuredContent"]["result"]
+            send(call(3, "stuck_in_c", {}))
+            await anyio.sleep(0.5)
+            send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 3}})
+            while alive(stuck):  # killed after the grace period (2 s): the C call never checks for signals
+                await anyio.sleep(0.05)
+            send(call(4, "where", {}))
+            fresh = (await read_response(process, 4))["result"]["structuredContent"]["result"]
+    finally:
+        process.kill()
+        process.wait(10)
+    assert fresh != stuck and fresh != process.pid

@@ -138,7 +138,7 @@ class WorkerProcess:
             self.process = subprocess.Popen(
                 [pool.python, "-c", f"from loopwatch._procworker import boot; boot({child.fileno()})"],
                 pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=2,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "LOOPWATCH_LAUNCH_OFF": "1"},  # a worker is never watched
             )
         finally:
             child.close()

@@ -182,3 +182,26 @@ async def test_notifications_cancelled_kills_a_worker_stuck_in_c_and_a_new_one_a
         process.kill()
         process.wait(10)
     assert fresh != stuck and fresh != process.pid
+
+
+async def test_a_launched_command_runs_its_tool_in_a_process_and_the_worker_is_not_watched(tmp_path):
+    events = tmp_path / "events.jsonl"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "loopwatch", "run", "--offload-policy", "where=process", "--events", str(events),
+         "--", sys.executable, "-c", "import cpu_server; cpu_server.mcp.run()"], cwd=str(FIXTURES),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=(tmp_path / "stderr.log").open("w"),
+    )
+    try:
+        with anyio.fail_after(90):
+            messages = [INITIALIZE, {"jsonrpc": "2.0", "method": "notifications/initialized"}, call(2, "where", {})]
+            process.stdin.write("".join(json.dumps(m) + "\n" for m in messages).encode())
+            process.stdin.flush()
+            await read_response(process, 1)
+            worker = (await read_response(process, 2))["result"]["structuredContent"]["result"]
+    finally:
+        process.kill()
+        process.wait(10)
+    assert worker != process.pid  # the launched command is exec'd: its pid is the server's
+    assert {e.get("pid") for e in read_events(events)} == {process.pid}
+    watched = [line for line in (tmp_path / "stderr.log").read_text().splitlines() if "watches server" in line]
+    assert len(watched) == 1 and f"pid {process.pid}" in watched[0], "a worker process is never watched itself"

@@ -46,7 +46,7 @@ def watch_created(server: Any) -> bool:
         return False
     _configure_tracing(name)
     policies = options["tool_policies"]
-    later = {tool: policy for tool, policy in policies.items() if policy == "always"}
+    later = {tool: policy for tool, policy in policies.items() if policy in ("always", "process")}
     now = {tool: "auto" if tool in later else policy for tool, policy in policies.items()}  # keeps the offloader
     handle = _instrument(server, name, {**options, "tool_policies": now})
     if handle is None:
@@ -65,9 +65,9 @@ def _apply_policies_at_start(handle: Any, always: dict[str, str]) -> None:
         return
 
     def apply() -> None:
-        for tool in always:
+        for tool, policy in always.items():
             if tool not in offload.offloaded:
-                offload.set_policy(tool, "always", reason="--offload-policy")
+                offload.set_policy(tool, policy, reason="--offload-policy")
 
     handle.monitor.start_hooks.append(apply)
 

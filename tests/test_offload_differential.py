@@ -1,0 +1,35 @@
+"""A moved tool's client sees what the bare server's sees: every context call (logs at each level, progress,
+elicitation, sampling, roots, resource reads, notifications), once, twice, between sleeps, several calls at
+once; on the low-level Server, MCPServer and fastmcp; asyncio, uvloop and trio; both protocol eras."""
+
+import pytest
+
+import loopwatch
+
+from helpers import fresh
+from offload_diff import assert_not_vacuous, outcomes
+
+pytestmark = pytest.mark.anyio
+
+FAMILIES = ["lowlevel", "mcpserver", "fastmcp_server"]
+
+
+def served(server):
+    """What mcp.Client runs in memory: the SDK server underneath a fastmcp one."""
+    return getattr(server, "_mcp_server", server)
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+@pytest.mark.parametrize("family", FAMILIES)
+async def test_a_moved_tool_sends_its_client_exactly_what_the_bare_server_does(anyio_backend, family, mode):
+    bare = await outcomes(served(fresh("context_tools", family)), mode)
+    assert_not_vacuous(bare, progress=not (family == "fastmcp_server" and mode == "auto"))  # fastmcp: none there
+    server = fresh("context_tools", family)
+    handle = loopwatch.instrument(server, threshold=0.1, log_blocks=False, traces=False,
+                                  tool_policies={"act": "always"})
+    try:
+        moved = await outcomes(served(server), mode)
+        assert "act" in handle.offload.offloaded and not handle.offload.pinned
+    finally:
+        handle.uninstrument()
+    assert moved == bare

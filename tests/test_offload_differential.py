@@ -11,7 +11,8 @@ from offload_diff import assert_not_vacuous, outcomes
 
 pytestmark = pytest.mark.anyio
 
-FAMILIES = ["lowlevel", "mcpserver", "fastmcp_server"]
+FAMILIES = {"lowlevel": ("context_tools", "lowlevel"), "mcpserver": ("context_tools", "mcpserver"),
+            "fastmcp": ("context_tools_fm", "fastmcp_server")}
 
 
 def served(server):
@@ -22,9 +23,9 @@ def served(server):
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
 @pytest.mark.parametrize("family", FAMILIES)
 async def test_a_moved_tool_sends_its_client_exactly_what_the_bare_server_does(anyio_backend, family, mode):
-    bare = await outcomes(served(fresh("context_tools", family)), mode)
-    assert_not_vacuous(bare, progress=not (family == "fastmcp_server" and mode == "auto"))  # fastmcp: none there
-    server = fresh("context_tools", family)
+    bare = await outcomes(served(fresh(*FAMILIES[family])), mode)
+    assert_not_vacuous(bare, progress=not (family == "fastmcp" and mode == "auto"))  # fastmcp: none there
+    server = fresh(*FAMILIES[family])
     handle = loopwatch.instrument(server, threshold=0.1, log_blocks=False, traces=False,
                                   tool_policies={"act": "always"})
     try:

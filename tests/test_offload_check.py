@@ -53,7 +53,7 @@ async def uses_shared_connection():
 
 
 def test_the_check_finds_what_a_tool_reaches_through_globals_attributes_helpers_and_wrappers():
-    def closure(event=asyncio.Event()):
+    def closure(event=asyncio.Event()):  # noqa: B008 -- made once, as a module-level default would be
         async def tool():
             await event.wait()
 

@@ -3,11 +3,11 @@ elicitation, sampling, roots, resource reads, notifications), once, twice, betwe
 once; on the low-level Server, MCPServer and fastmcp; asyncio, uvloop and trio; both protocol eras."""
 
 import pytest
+from offload_diff import assert_not_vacuous, outcomes
 
 import loopwatch
 
 from helpers import fresh
-from offload_diff import assert_not_vacuous, outcomes
 
 pytestmark = pytest.mark.anyio
 

@@ -71,9 +71,14 @@ class Job:
 
     def abandon(self, why: str, started_too: bool = False) -> None:
         """The loop is gone: the caller gets an error naming why, never a wait forever."""
-        if self.future.set_running_or_notify_cancel() or started_too:
-            with contextlib.suppress(concurrent.futures.InvalidStateError):
-                self.future.set_exception(LoopGone(f"loopwatch: {why}"))
+        try:
+            if not self.future.set_running_or_notify_cancel():
+                return  # cancelled by its caller
+        except RuntimeError:  # running or done: only a loop that died leaves a running one behind
+            if not started_too:
+                return
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            self.future.set_exception(LoopGone(f"loopwatch: {why}"))
 
     async def run(self, fn: Callable[..., Any], args: tuple[Any, ...], carried: list[Any]) -> None:
         if not self.future.set_running_or_notify_cancel():
@@ -86,14 +91,13 @@ class Job:
                     var.set(value)
                 result = await _call(fn, args, {})
             except BaseException as exc:
-                self.future.set_exception(exc)
-                if isinstance(exc, anyio.get_cancelled_exc_class()):
-                    raise  # the caller cancelled (our scope catches it) or this loop shuts down
-                return  # anything else is the call's outcome, raised by its caller; this loop lives on
+                if not isinstance(exc, anyio.get_cancelled_exc_class()):
+                    self.future.set_exception(exc)
+                    return  # the call's outcome, raised by its caller; this loop lives on
+                # Never hand a loop's cancellation to another loop: there it would look like its own.
+                self.future.set_exception(LoopGone("loopwatch: the loop running this call stopped before it ended"))
+                raise  # the caller cancelled (our scope catches it) or this loop shuts down
             self.future.set_result(result)
-            return
-        with contextlib.suppress(concurrent.futures.InvalidStateError):
-            self.future.set_exception(concurrent.futures.CancelledError())
 
 
 class LoopRef:
@@ -119,6 +123,11 @@ class LoopRef:
     def schedule(self, callback: Callable[[], None]) -> bool:
         """Run `callback` on this loop soon, in its `serve` task; False when the loop is gone."""
         return self.serving and self._inbox.put(callback)
+
+    def wake(self, callback: Callable[[], None]) -> bool:
+        """Run a loop-native `callback` (an event's `set`) soon, even after `serve` ended: a call still awaiting
+        a result when the watch stops must still be woken."""
+        return self._inbox.call(callback)
 
     def spawn(self, fn: Callable[..., Any], *args: Any) -> Job:
         """Start `fn(*args)` as a task on this loop, from any thread, with the caller's context variables."""
@@ -174,8 +183,11 @@ class _AsyncioInbox:
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
 
     def put(self, item: Any) -> bool:
+        return self.call(functools.partial(self._queue.put_nowait, item))
+
+    def call(self, callback: Callable[[], None]) -> bool:
         try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            self._loop.call_soon_threadsafe(callback)
         except RuntimeError:  # the loop is closed
             return False
         return True
@@ -192,8 +204,11 @@ class _TrioInbox:
         self._send, self._receive = trio.open_memory_channel[Any](float("inf"))
 
     def put(self, item: Any) -> bool:
+        return self.call(functools.partial(self._send.send_nowait, item))
+
+    def call(self, callback: Callable[[], None]) -> bool:
         try:
-            self._token.run_sync_soon(self._send.send_nowait, item)
+            self._token.run_sync_soon(callback)
         except Exception:  # trio.RunFinishedError: the run is over
             return False
         return True
@@ -321,7 +336,7 @@ async def await_future(future: concurrent.futures.Future[Any]) -> Any:
             if threading.get_ident() == home_thread:
                 done.set()
             else:
-                home.schedule(done.set)
+                home.wake(done.set)
 
         future.add_done_callback(wake)
         await done.wait()
@@ -641,9 +656,24 @@ class Offloader:
                 job.cancel()
             elif isinstance(exc, LoopGone):
                 logger.error("loopwatch: a moved call of %s could not finish: %s", tool, exc)
+                return self._error_answer(exc)
             else:
                 self._pin_if_bound(tool, exc)
             raise  # the call's own outcome, as it happened: never run again (its side effects would repeat)
+
+    def _error_answer(self, exc: LoopGone) -> Any:
+        """loopwatch's own failure as the tool's error answer, its cause in the text (an unexpected exception's
+        text the frameworks hide: "Error executing tool X" would not say what happened)."""
+        if self.adapter.kind == "lowlevel":
+            import mcp_types
+
+            text = mcp_types.TextContent(type="text", text=str(exc))
+            return mcp_types.CallToolResult(content=[text], isError=True)
+        if self.adapter.kind == "fastmcp":
+            from fastmcp.exceptions import ToolError
+        else:
+            from mcp.server.mcpserver.exceptions import ToolError
+        raise ToolError(str(exc)) from exc
 
     def _pin_if_bound(self, tool: str, exc: BaseException) -> None:
         """A moved call failed on an object of the server's loop the check could not see: pin the tool."""

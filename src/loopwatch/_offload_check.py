@@ -83,6 +83,20 @@ def affinity(value: Any) -> str | None:
     return None
 
 
+def returns_coroutine(fn: Any) -> bool:
+    """An `async def`, or a plain `def` around one (a `functools.partial`, a decorator's sync shim that keeps
+    `__wrapped__`): fastmcp runs the shim in a thread and awaits the coroutine it returns on the loop."""
+    for _ in range(20):
+        while isinstance(fn, functools.partial):
+            fn = fn.func
+        if inspect.iscoroutinefunction(fn):
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+        if fn is None:
+            return False
+    return False
+
+
 # -- what a function reaches --------------------------------------------------------------------------
 
 

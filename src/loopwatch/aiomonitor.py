@@ -688,8 +688,8 @@ def _where(handles: Sequence[Any], full: bool) -> str:
 def _offload(handles: Sequence[Any], tool: str, server: str | None) -> str:
     """Run a tool off the loop from now on.
 
-    Sets the tool's policy to always: its calls run on a worker thread. Needs offload on
-    (--offload auto). Written to the events like every offload decision.
+    Sets the tool's policy to always: its calls run on a worker thread (with --offload off
+    too: off stops only the automatic moves). Written to the events like every offload decision.
     """
     return policy_text(handles, tool, "always", server)
 

@@ -7,9 +7,9 @@ import sys
 import anyio
 import pytest
 from mcp import Client, StdioServerParameters
+from offload_diff import assert_not_vacuous, outcomes
 
 from helpers import FIXTURES
-from offload_diff import assert_not_vacuous, outcomes
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 SERVER = FIXTURES / "context_tools.py"

@@ -5,10 +5,11 @@ import subprocess
 import sys
 
 import pytest
+from test_offload_loop_start import AFTER_THE_MOVE
 
 from e2e.test_http import wait_for_port
+
 from helpers import FIXTURES, free_port, read_events
-from test_offload_loop_start import AFTER_THE_MOVE
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 

@@ -5,8 +5,9 @@ blocking code, fastmcp tools with `run_in_thread=False`, and low-level `Server` 
 blocks the loop (`strikes` times within `strike_window`), its calls run on one of a small pool of event loops
 in worker threads, behind loopwatch's own capacity limit. Everything the tool does with its MCP context
 (progress, logging, elicitation, sampling) is carried back to the server's loop through a portal and awaited
-there. A tool that turns out to be bound to the server's loop ("attached to a different loop") has that call
-answered on the loop, and is pinned there.
+there. Before a tool moves, `_offload_check` looks for loop-bound and thread-affine objects in its reach; such
+a tool stays on the loop. A moved call that fails on an object of the server's loop the check could not see
+gets its error (it is never run again) and pins the tool. No call waits forever on a loop that is gone.
 """
 
 from __future__ import annotations
@@ -740,6 +741,8 @@ class Offloader:
         except (OSError, ValueError) as exc:
             logger.error("loopwatch: cannot read offload state %s: %s (starting fresh)", path, _one_line(exc))
             return
+        if self.options.offload != "auto":
+            return  # what earlier runs moved by themselves are automatic moves: off makes none
         for tool, reason in tools.items():
             if self.policies.get(tool) != "never":
                 self._offload(tool, f"{LEARNED}{reason}", blocks=0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import asyncio.mixins
 import functools
+import inspect
 import logging
 import sys
 import threading

@@ -6,7 +6,6 @@ fastmcp 2.x keeps them in `_tool_manager._tools` and runs sync tools inline, on 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 

@@ -22,9 +22,7 @@ class MissingExtra(ImportError):
 
 def wanted(handle: Any) -> list[str]:
     o = handle.options
-    names = []
-    if o.offload == "auto" or o.tool_policies:
-        names.append("_offload")
+    names = ["_offload"]  # with offload off too: explicit choices (policy always, lw-offload) still apply
     if o.metrics or (o.metrics is None and (o.metrics_port is not None or o.metrics_path or o.metrics_registry)):
         names.append("prometheus")
     if o.traces and importlib.util.find_spec("opentelemetry") is not None:

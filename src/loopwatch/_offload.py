@@ -5,8 +5,9 @@ blocking code, fastmcp tools with `run_in_thread=False`, and low-level `Server` 
 blocks the loop (`strikes` times within `strike_window`), its calls run on one of a small pool of event loops
 in worker threads, behind loopwatch's own capacity limit. Everything the tool does with its MCP context
 (progress, logging, elicitation, sampling) is carried back to the server's loop through a portal and awaited
-there. A tool that turns out to be bound to the server's loop ("attached to a different loop") has that call
-answered on the loop, and is pinned there.
+there. Before a tool moves, `_offload_check` looks for loop-bound and thread-affine objects in its reach; such
+a tool stays on the loop. A moved call that fails on an object of the server's loop the check could not see
+gets its error (it is never run again) and pins the tool. No call waits forever on a loop that is gone.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -34,18 +35,10 @@ import anyio.abc
 
 from ._blame import call_key, current_call, serve_offloaded
 from ._events import BlockEvent, OffloadEvent
+from ._offload_check import obstacle, server_loop_object
 from ._sentinel import current_backend
 
 logger = logging.getLogger("loopwatch")
-
-LOOP_BOUND_MARKERS = (
-    "attached to a different loop",
-    "bound to a different event loop",
-    "different event loop",
-    "is not the running loop",
-    "Non-thread-safe operation invoked on an event loop other than the current one",
-)
-
 
 # -- loops reached from other threads -------------------------------------------------------------------
 
@@ -53,8 +46,15 @@ _NOT_CARRIED = {"current_async_library_cvar"}
 """Context variables that describe the caller's event loop, not the call: not carried to a worker."""
 
 
+class LoopGone(RuntimeError):
+    """The loop a call (or a moved call's context request) was sent to stopped before it finished it."""
+
+
 class Job:
-    """A task spawned on another loop: its outcome, and a way to cancel it from any thread."""
+    """A task spawned on another loop: its outcome, and a way to cancel it from any thread.
+
+    Its body runs at most once: the loop that starts it and a loop that shuts down race for
+    `set_running_or_notify_cancel`, and only the winner goes on."""
 
     def __init__(self, loop: LoopRef) -> None:
         self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
@@ -70,6 +70,17 @@ class Job:
         if self._scope is not None:
             self._scope.cancel()
 
+    def abandon(self, why: str, started_too: bool = False) -> None:
+        """The loop is gone: the caller gets an error naming why, never a wait forever."""
+        try:
+            if not self.future.set_running_or_notify_cancel():
+                return  # cancelled by its caller
+        except RuntimeError:  # running or done: only a loop that died leaves a running one behind
+            if not started_too:
+                return
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            self.future.set_exception(LoopGone(f"loopwatch: {why}"))
+
     async def run(self, fn: Callable[..., Any], args: tuple[Any, ...], carried: list[Any]) -> None:
         if not self.future.set_running_or_notify_cancel():
             return
@@ -81,66 +92,134 @@ class Job:
                     var.set(value)
                 result = await _call(fn, args, {})
             except BaseException as exc:
-                self.future.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
-                return
-        if not self.future.done():
-            if self._scope.cancelled_caught:
-                self.future.set_exception(concurrent.futures.CancelledError())
-            else:
-                self.future.set_result(result)
+                if not isinstance(exc, anyio.get_cancelled_exc_class()):
+                    self.future.set_exception(exc)
+                    return  # the call's outcome, raised by its caller; this loop lives on
+                # Never hand a loop's cancellation to another loop: there it would look like its own.
+                self.future.set_exception(LoopGone("loopwatch: the loop running this call stopped before it ended"))
+                raise  # the caller cancelled (our scope catches it) or this loop shuts down
+            self.future.set_result(result)
 
 
 class LoopRef:
-    """A running loop other threads can spawn tasks on without waiting: asyncio or trio, natively."""
+    """A running loop other threads can start tasks on without waiting: asyncio or trio.
+
+    Other threads hand it items through the loop's own thread-safe entry (`call_soon_threadsafe`,
+    `run_sync_soon`) into a native queue; a task of the loop (`serve`) takes them out and starts them in
+    the task group. Nothing of anyio runs in a bare loop callback: since anyio 4.14 that needs the backend
+    detection only `anyio.run` sets up, and under `asyncio.run`, uvicorn or pytest-asyncio it raised
+    NoEventLoopError and the call hung."""
 
     def __init__(self, task_group: anyio.abc.TaskGroup) -> None:
         self.task_group = task_group
         self.thread_id = threading.get_ident()
-        self.library = current_backend()
-        self._schedule = _native_scheduler()
+        self._inbox = _inbox()
+        self._jobs: set[Job] = set()
+        self._lock = threading.Lock()
+        self.open = True
+        """Takes new jobs (until `close`)."""
+        self.serving = True
+        """Runs callbacks (until `serve` ends)."""
 
     def schedule(self, callback: Callable[[], None]) -> bool:
-        """Run `callback` on this loop soon; False when the loop is gone."""
-        try:
-            self._schedule(callback)
-        except Exception:  # the loop closed or its run finished
-            return False
-        return True
+        """Run `callback` on this loop soon, in its `serve` task; False when the loop is gone."""
+        return self.serving and self._inbox.put(callback)
+
+    def wake(self, callback: Callable[[], None]) -> bool:
+        """Run a loop-native `callback` (an event's `set`) soon, even after `serve` ended: a call still awaiting
+        a result when the watch stops must still be woken."""
+        return self._inbox.call(callback)
 
     def spawn(self, fn: Callable[..., Any], *args: Any) -> Job:
         """Start `fn(*args)` as a task on this loop, from any thread, with the caller's context variables."""
         job = Job(self)
         carried = [(var, value) for var, value in contextvars.copy_context().items() if var.name not in _NOT_CARRIED]
-        if not self.schedule(functools.partial(self._start, job, fn, args, carried)):
-            job.future.set_exception(RuntimeError("loopwatch: the target loop is no longer running"))
+        with self._lock:
+            sent = self.open and self._inbox.put(functools.partial(self._start, job, fn, args, carried))
+            if sent:
+                self._jobs.add(job)
+        if sent:
+            job.future.add_done_callback(functools.partial(self._forget, job))
+        else:
+            job.abandon("the loop this was sent to is no longer running")
         return job
 
+    def _forget(self, job: Job, _: Any) -> None:
+        with self._lock:
+            self._jobs.discard(job)
+
     def _start(self, job: Job, fn: Callable[..., Any], args: tuple[Any, ...], carried: list[Any]) -> None:
-        """A loop callback runs outside any task: on a loop started by `asyncio.run` (not `anyio.run`; every
-        server `loopwatch run -- COMMAND` watches that is launched so) sniffio cannot name its library there,
-        and `start_soon` needs it."""
-        token = _LIBRARY.set(self.library) if _LIBRARY is not None else None
+        self.task_group.start_soon(job.run, fn, args, carried)
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            return bool(self._jobs)
+
+    async def serve(self) -> None:
+        """The loop's side: run what other threads sent, until cancelled."""
         try:
-            self.task_group.start_soon(job.run, fn, args, carried)
+            while True:
+                callback = await self._inbox.get()
+                try:
+                    callback()
+                except Exception:  # one bad item must not close the loop's entry for every later call
+                    logger.exception("loopwatch: a cross-loop callback raised")
         finally:
-            if token is not None:
-                _LIBRARY.reset(token)
+            self.serving = False
+            self.close("the loop this was sent to stopped")
+
+    def close(self, why: str, started_too: bool = False) -> None:
+        """Take no more jobs; those sent and not started (or, `started_too`, not finished) fail with `why`."""
+        with self._lock:
+            self.open = False
+            jobs = list(self._jobs)  # each leaves the set when its future is done
+        for job in jobs:
+            job.abandon(why, started_too)
 
 
-try:
-    from sniffio import current_async_library_cvar as _LIBRARY
-except ImportError:  # anyio without sniffio asks asyncio for the running loop, which a callback has
-    _LIBRARY = None
+class _AsyncioInbox:
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    def put(self, item: Any) -> bool:
+        return self.call(functools.partial(self._queue.put_nowait, item))
+
+    def call(self, callback: Callable[[], None]) -> bool:
+        try:
+            self._loop.call_soon_threadsafe(callback)
+        except RuntimeError:  # the loop is closed
+            return False
+        return True
+
+    async def get(self) -> Any:
+        return await self._queue.get()
 
 
-def _native_scheduler() -> Callable[[Callable[[], None]], Any]:
-    if current_backend() == "trio":
+class _TrioInbox:
+    def __init__(self) -> None:
         import trio
 
-        return trio.lowlevel.current_trio_token().run_sync_soon
-    return asyncio.get_running_loop().call_soon_threadsafe
+        self._token = trio.lowlevel.current_trio_token()
+        self._send, self._receive = trio.open_memory_channel[Any](float("inf"))
+
+    def put(self, item: Any) -> bool:
+        return self.call(functools.partial(self._send.send_nowait, item))
+
+    def call(self, callback: Callable[[], None]) -> bool:
+        try:
+            self._token.run_sync_soon(callback)
+        except Exception:  # trio.RunFinishedError: the run is over
+            return False
+        return True
+
+    async def get(self) -> Any:
+        return await self._receive.receive()
+
+
+def _inbox() -> _AsyncioInbox | _TrioInbox:
+    return _TrioInbox() if current_backend() == "trio" else _AsyncioInbox()
 
 
 _HOMES: dict[int, LoopRef] = {}
@@ -163,38 +242,53 @@ class _Worker:
         if self.ref is None:
             raise RuntimeError("loopwatch: an offload worker loop did not start")
 
+    @property
+    def alive(self) -> bool:
+        return self.ref is not None and self.ref.open and self.thread.is_alive()
+
     def _run(self, backend: str, backend_options: dict[str, Any]) -> None:
-        with contextlib.suppress(BaseException):
+        try:
             anyio.run(self._main, backend=backend, backend_options=backend_options)
-        self._ready.set()
+        except BaseException:
+            logger.exception("loopwatch: an offload worker loop died; the next call starts a new one")
+        finally:
+            self._ready.set()
+            if self.ref is not None:
+                _HOMES.pop(self.ref.thread_id, None)
+                self.ref.close("the offload worker loop running this call died", started_too=True)
 
     async def _main(self) -> None:
         self._stop = anyio.Event()
         async with anyio.create_task_group() as tg:
             self.ref = LoopRef(tg)
+            tg.start_soon(self.ref.serve)
             _HOMES[self.ref.thread_id] = self.ref
             self._ready.set()
             await self._stop.wait()
             # Graceful: calls still running end as their callers decide (a caller that goes away cancels its
             # call); cancelling them here would reach their callers before the server's own shutdown does.
+            self.ref.close("the offload worker loop was shut down")
+            while self.ref.busy:  # noqa: ASYNC110 -- once, at shutdown; no event to keep per job for it
+                await anyio.sleep(0.05)
+            tg.cancel_scope.cancel()
 
     def close(self, timeout: float) -> None:
         ref, stop = self.ref, self._stop
         if ref is not None and stop is not None:
-            _HOMES.pop(ref.thread_id, None)
             ref.schedule(stop.set)
         if timeout > 0:
             self.thread.join(timeout)  # a call stuck in a blocking call keeps its thread until it returns
 
 
 class LoopPool:
-    """A few worker loops; each call goes to the least busy one."""
+    """A few worker loops; each call goes to the least busy one. A worker loop that died is replaced."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.backend: tuple[str, dict[str, Any]] = ("asyncio", {})
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
+        self._started = 0
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Job:
         worker = self._pick()
@@ -205,8 +299,11 @@ class LoopPool:
 
     def _pick(self) -> _Worker:
         with self._lock:
+            for dead in [w for w in self._workers if not w.alive]:
+                self._workers.remove(dead)
             if len(self._workers) < self.size and all(w.busy for w in self._workers):
-                self._workers.append(_Worker(len(self._workers), *self.backend))
+                self._workers.append(_Worker(self._started, *self.backend))
+                self._started += 1
             worker = min(self._workers, key=lambda w: w.busy)
             worker.busy += 1
             return worker
@@ -240,7 +337,7 @@ async def await_future(future: concurrent.futures.Future[Any]) -> Any:
             if threading.get_ident() == home_thread:
                 done.set()
             else:
-                home.schedule(done.set)
+                home.wake(done.set)
 
         future.add_done_callback(wake)
         await done.wait()
@@ -251,7 +348,15 @@ async def await_future(future: concurrent.futures.Future[Any]) -> Any:
 
 
 class LoopBridge:
-    """Stands in for an MCP context on a worker loop: its coroutine methods run on the server's loop."""
+    """Stands in for an MCP context on a worker loop: whatever its methods return to await runs on the
+    server's loop, where the session and its streams live.
+
+    Every method counts, not only those `inspect.iscoroutinefunction` recognises: the SDK's logging methods
+    are `async def`s under `@deprecated`, a plain `def` wrapper that returns the coroutine. Passed through,
+    their coroutine ran on the worker loop and wrote to the session's memory stream from the wrong thread:
+    the stdio writer's wake-up and the sender's went to loops that were never woken, and the call's
+    response never came (two log messages in a row were enough). `isinstance` checks see the context's class.
+    """
 
     __slots__ = ("_lw_target", "_lw_portal")
 
@@ -259,9 +364,13 @@ class LoopBridge:
         object.__setattr__(self, "_lw_target", target)
         object.__setattr__(self, "_lw_portal", portal)
 
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # isinstance(ctx, Context) holds, as it did on the loop
+        return type(self._lw_target)
+
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._lw_target, name)
-        if inspect.iscoroutinefunction(value):
+        if callable(value) and not isinstance(value, type):
             return _bridged(value, self._lw_portal)
         if _bridgeable(value):
             return LoopBridge(value, self._lw_portal)
@@ -271,20 +380,42 @@ class LoopBridge:
         setattr(self._lw_target, name, value)
 
     def __repr__(self) -> str:
-        return f"LoopBridge({self._lw_target!r})"
+        return repr(self._lw_target)
 
 
-def _bridged(method: Callable[..., Awaitable[Any]], server: LoopRef) -> Any:
+def _bridged(method: Callable[..., Any], server: LoopRef) -> Any:
+    """`method`, called on the worker; what it returns to await is awaited on the server's loop."""
+    if inspect.iscoroutinefunction(method):
+
+        @functools.wraps(method)
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            return await _on_server(method(*args, **kwargs), server)
+
+        return call
+
     @functools.wraps(method)
-    async def call(*args: Any, **kwargs: Any) -> Any:
-        job = server.spawn(functools.partial(method, *args, **kwargs))
-        try:
-            return await await_future(job.future)
-        except BaseException:
-            job.cancel()
-            raise
+    def call_sync(*args: Any, **kwargs: Any) -> Any:
+        result = method(*args, **kwargs)
+        return _on_server(result, server) if inspect.isawaitable(result) else result
 
-    return call
+    return call_sync
+
+
+async def _on_server(awaitable: Any, server: LoopRef) -> Any:
+    job = server.spawn(_await, awaitable)
+    try:
+        return await await_future(job.future)
+    except LoopGone:
+        if inspect.iscoroutine(awaitable):
+            awaitable.close()  # never started: no "never awaited" warning on top of the error
+        raise
+    except BaseException:
+        job.cancel()
+        raise
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
 
 
 _BRIDGEABLE: dict[type, bool] = {}
@@ -308,9 +439,11 @@ def _is_context(value: Any) -> bool:
     return type(value).__name__ in ("Context", "ServerRequestContext", "RequestContext") and _bridgeable(value)
 
 
-def is_loop_bound_error(exc: BaseException) -> bool:
-    text = str(exc)
-    return isinstance(exc, RuntimeError | ValueError) and any(marker in text for marker in LOOP_BOUND_MARKERS)
+def _running_asyncio_loop() -> Any:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # trio
+        return None
 
 
 # -- policy ---------------------------------------------------------------------------------------------
@@ -345,11 +478,14 @@ class Offloader:
         from ._procpool import ProcessOffload
 
         self.processes = ProcessOffload(self)
+        self._obstacles: dict[str, str | None] = {}
+        self._serving: anyio.CancelScope | None = None
 
     # lifecycle
     def install(self) -> Offloader:
-        self.monitor.block_hooks.append(self.on_block)
-        self.monitor.blocking_hooks.append(self.on_blocking)
+        if self.options.offload == "auto":  # off: no automatic moves; explicit choices (always, lw-offload) apply
+            self.monitor.block_hooks.append(self.on_block)
+            self.monitor.blocking_hooks.append(self.on_blocking)
         self.monitor.services.append(self._service)
         self.monitor.where = self._where(self.monitor.where)
         self.handle.middleware.offloaded = self.offloaded
@@ -358,7 +494,7 @@ class Offloader:
         self._load_state()
         for tool, policy in self.policies.items():
             if policy == "always":
-                self._offload(tool, "policy always", blocks=0)
+                self._offload(tool, "policy always", blocks=0, insist=True)
             elif policy == "process":
                 self.processes.apply(tool, "policy process", blocks=0)
         return self
@@ -380,17 +516,26 @@ class Offloader:
         self.pool.backend = _current_backend()
         task_group = self.monitor.task_group
         assert task_group is not None, "services run while the monitor watches"
-        self.portal = LoopRef(task_group)
-        _HOMES[self.portal.thread_id] = self.portal
+        self.portal = portal = LoopRef(task_group)
+        _HOMES[portal.thread_id] = portal
+        self._serving = anyio.CancelScope()
+        task_group.start_soon(self._serve, portal, self._serving)
         try:
             yield
         finally:
-            _HOMES.pop(self.portal.thread_id, None)
+            _HOMES.pop(portal.thread_id, None)
             self.portal = None
+            portal.close("the server's loop stopped watching")  # context requests of moved calls fail, not wait
+            self._serving.cancel()
             # The worker loops belong to this run of the server: tell them to end, never waiting for a
             # stuck one here on the loop (it ends when its blocking call returns).
             self.pool.close(timeout=0)
             self.processes.pool.close(timeout=0)
+
+    @staticmethod
+    async def _serve(portal: LoopRef, scope: anyio.CancelScope) -> None:
+        with scope:
+            await portal.serve()
 
     def _where(self, base: Callable[[str], str]) -> Callable[[str], str]:
         return lambda tool: self.executes.get(tool, "thread") if tool in self.offloaded else base(tool)
@@ -451,17 +596,23 @@ class Offloader:
             self._restore(tool, f"{reason}: policy {policy}, not process")
         if policy == "always":
             self.pinned.pop(tool, None)
-            self._offload(tool, f"{reason}: policy always", self._blocks.get(tool, 0))
+            self._offload(tool, f"{reason}: policy always", self._blocks.get(tool, 0), insist=True)
         elif policy == "never" or policy == "auto":
             if tool in self.offloaded:
                 self._restore(tool, f"{reason}: policy {policy}")
 
-    def _offload(self, tool: str, reason: str, blocks: int) -> None:
+    def _offload(self, tool: str, reason: str, blocks: int, insist: bool = False) -> None:
         if tool in self.offloaded:
             return
         if not self._can_move(tool):
             logger.info("loopwatch: tool %s stays on the loop: %s", tool, "not a tool loopwatch can move")
             return
+        why_not = self._obstacle(tool)
+        if why_not is not None and not insist:
+            self._keep(tool, why_not, blocks)
+            return
+        if why_not is not None:
+            logger.warning("loopwatch: tool %s moves off the loop as its policy insists, though %s", tool, why_not)
         self.offloaded[tool] = reason
         self._swap_fn(tool)
         self.monitor.post(OffloadEvent(time=time.time(), tool=tool, action="offloaded", reason=reason, blocks=blocks,
@@ -475,6 +626,24 @@ class Offloader:
         blocks = self._blocks.get(tool, 0)
         self.monitor.post(OffloadEvent(time=time.time(), tool=tool, action=action, reason=reason, blocks=blocks,  # type: ignore[arg-type]
                                        executes="loop"))
+        self._save_state()
+
+    def _obstacle(self, tool: str) -> str | None:
+        """What a move of `tool` would break (`_offload_check`), looked at once per tool."""
+        if tool not in self._obstacles:
+            self._obstacles[tool] = obstacle(self._tool_callable(tool))
+        return self._obstacles[tool]
+
+    def _keep(self, tool: str, why_not: str, blocks: int) -> None:
+        """A tool the check keeps on the loop: said once, in the events and the log, with what to do instead."""
+        reason = (f"not moved: {why_not}, which would break on another loop; run its blocking part in "
+                  f"anyio.to_thread.run_sync(...), or --offload-policy {tool}=always to move it anyway")
+        with self._lock:
+            if tool in self.pinned:
+                return
+            self.pinned[tool] = reason
+        logger.warning("loopwatch: tool %s blocks the loop but stays on it: %s", tool, reason)
+        self.monitor.post(OffloadEvent(time=time.time(), tool=tool, action="pinned", reason=reason, blocks=blocks))
         self._save_state()
 
     def _pin(self, tool: str, reason: str) -> None:
@@ -510,10 +679,36 @@ class Offloader:
         except BaseException as exc:
             if isinstance(exc, anyio.get_cancelled_exc_class()):
                 job.cancel()
-            elif is_loop_bound_error(exc):
-                self._pin(tool, f"bound to the server's loop ({type(exc).__name__}: {exc})")
-                return await _call(fn, _unbridge(args), _unbridge_kw(kwargs))
-            raise
+            elif isinstance(exc, LoopGone):
+                logger.error("loopwatch: a moved call of %s could not finish: %s", tool, exc)
+                return self._error_answer(exc)
+            else:
+                self._pin_if_bound(tool, exc)
+            raise  # the call's own outcome, as it happened: never run again (its side effects would repeat)
+
+    def _error_answer(self, exc: LoopGone) -> Any:
+        """loopwatch's own failure as the tool's error answer, its cause in the text (an unexpected exception's
+        text the frameworks hide: "Error executing tool X" would not say what happened)."""
+        if self.adapter.kind == "lowlevel":
+            import mcp_types
+
+            text = mcp_types.TextContent(type="text", text=str(exc))
+            return mcp_types.CallToolResult(content=[text], isError=True)
+        if self.adapter.kind == "fastmcp":
+            from fastmcp.exceptions import ToolError
+        else:
+            from mcp.server.mcpserver.exceptions import ToolError
+        raise ToolError(str(exc)) from exc
+
+    def _pin_if_bound(self, tool: str, exc: BaseException) -> None:
+        """A moved call failed on an object of the server's loop the check could not see: pin the tool."""
+        bound = server_loop_object(exc, _running_asyncio_loop())
+        if bound is None or tool in self.pinned:
+            return
+        reason = (f"a moved call failed with {type(exc).__name__} on a {type(bound).__qualname__} bound to the "
+                  "server's loop; that call got its error, later calls run on the loop")
+        logger.warning("loopwatch: tool %s is pinned to the loop: %s", tool, reason)
+        self._pin(tool, reason)
 
     def _in_tool_code(self, tool: str, where: list[tuple[str, str]]) -> bool:
         """Whether a sampled stack runs through the code that offload would move: the tool's function."""
@@ -571,6 +766,8 @@ class Offloader:
         except (OSError, ValueError) as exc:
             logger.error("loopwatch: cannot read offload state %s: %s (starting fresh)", path, _one_line(exc))
             return
+        if self.options.offload != "auto":
+            return  # what earlier runs moved by themselves are automatic moves: off makes none
         executes = state.get("executes") if isinstance(state.get("executes"), dict) else {}
         for tool, reason in tools.items():
             if self.policies.get(tool) == "never":
@@ -635,14 +832,6 @@ def _current_backend() -> tuple[str, dict[str, Any]]:
         loop = asyncio.get_running_loop()
         return backend, ({"use_uvloop": True} if type(loop).__module__.startswith("uvloop") else {})
     return backend, {}
-
-
-def _unbridge(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple(a._lw_target if isinstance(a, LoopBridge) else a for a in args)
-
-
-def _unbridge_kw(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {k: v._lw_target if isinstance(v, LoopBridge) else v for k, v in kwargs.items()}
 
 
 def install(handle: Any) -> Offloader:

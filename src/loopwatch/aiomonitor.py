@@ -694,8 +694,9 @@ def _offload(handles: Sequence[Any], tool: str, server: str | None, process: boo
     """Run a tool off the loop from now on.
 
     Sets the tool's policy to always: its calls run on a worker thread; with --process, to
-    process: they run in a worker process (for CPU-bound tools: no shared GIL). Needs offload
-    on (--offload auto). Written to the events like every offload decision.
+    process: they run in a worker process (for CPU-bound tools: no shared GIL). Works with
+    --offload off too (off stops only the automatic moves). Written to the events like every
+    offload decision.
     """
     return policy_text(handles, tool, "process" if process else "always", server)
 

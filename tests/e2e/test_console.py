@@ -220,7 +220,7 @@ async def test_lw_where_shows_the_blocking_tool_and_line_over_telnet_while_the_l
     assert f"{target['server']}:{stall_line} in stall" in where
     assert "BLOCKED" in seen["lag"].splitlines()[0]
     assert "stall" in seen["tools"]
-    assert seen["offload"].startswith("✗ offload is off")
+    assert seen["offload"].startswith("✓ stall runs off the loop")  # off stops automatic moves, not explicit ones
 
     def blocks() -> str:
         session = Telnet(target["console"])

@@ -6,7 +6,6 @@ fastmcp 2.x keeps them in `_tool_manager._tools` and runs sync tools inline, on 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -54,7 +53,9 @@ class Tools(Adapter):
     def can_move(self, name: str) -> bool:
         tool = self.find_tool(name)
         fn = getattr(tool, "fn", None)
-        return fn is not None and (inspect.iscoroutinefunction(fn) or not self.threads_sync(tool))
+        from .._offload_check import returns_coroutine  # a sync shim around an async def moves too
+
+        return fn is not None and (returns_coroutine(fn) or not self.threads_sync(tool))
 
     async def serve_stdio(self) -> None:
         await self.server.run_stdio_async(show_banner=False)

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -131,6 +132,11 @@ def block(n, **overrides):
     return BlockEvent(**fields)
 
 
+def line_length(event):
+    """The bytes one event takes in an events file (with the pid every line carries)."""
+    return len(json.dumps({**event.to_dict(), "pid": os.getpid()}, separators=(",", ":"))) + 1
+
+
 def assert_whole_lines(path):
     data = path.read_bytes()
     assert not data or data.endswith(b"\n"), data[-80:]
@@ -195,7 +201,7 @@ writer(block(99999))
 
 def test_a_write_cut_short_by_the_file_size_limit_is_truncated_back_to_the_last_whole_line(tmp_path):
     path = tmp_path / "events.jsonl"
-    line = len(json.dumps(block(0).to_dict(), separators=(",", ":"))) + 1
+    line = line_length(block(0))
     limit = line * 5 + line // 2  # the sixth event is cut in the middle
     subprocess.run([sys.executable, "-c", FSIZE_CHILD, str(path), str(Path(__file__).parent), str(limit)],
                    check=True, timeout=60, capture_output=True)
@@ -227,7 +233,7 @@ def test_a_pipe_is_still_an_events_file_it_appends_to_without_seeking(tmp_path):
 
 def test_the_events_file_rotates_past_its_size_and_keeps_the_backups_asked_for(tmp_path):
     path = tmp_path / "events.jsonl"
-    line = len(json.dumps(block(0).to_dict(), separators=(",", ":"))) + 1
+    line = line_length(block(0))
     writer = JsonLinesWriter(str(path), max_bytes=line * 4, backups=2)
     for n in range(30):
         writer(block(n))
@@ -240,7 +246,7 @@ def test_the_events_file_rotates_past_its_size_and_keeps_the_backups_asked_for(t
 
 def test_with_no_backups_the_full_events_file_starts_over(tmp_path):
     path = tmp_path / "events.jsonl"
-    line = len(json.dumps(block(0).to_dict(), separators=(",", ":"))) + 1
+    line = line_length(block(0))
     writer = JsonLinesWriter(str(path), max_bytes=line * 3, backups=0)
     for n in range(10):
         writer(block(n))

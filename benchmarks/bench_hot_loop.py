@@ -1,0 +1,176 @@
+"""Cost of watching a hot loop: bare against `loopwatch.watch()` against pyleak, interleaved in one run.
+
+    python benchmarks/bench_hot_loop.py [--rounds 5] [--scale 1.0] [--backends asyncio,uvloop,trio]
+
+Two hot loops, on asyncio, uvloop and trio: 500,000 `sleep(0)` in one task, and 100,000 ping-pongs between
+two tasks over a pair of queues (asyncio.Queue; trio memory channels). Each run is a fresh event loop
+(`asyncio.run`, `uvloop.run`, `trio.run`); within a round the configurations run in a rotated order: bare,
+loopwatch (`watch()` with its defaults, log lines off), pyleak's `no_event_loop_blocking()` (its defaults;
+`pip install pyleak`, optional: skipped when missing) and bare again (the A/A line). Prints, per backend and
+loop, the median of the per-round ratios against bare with their range: ratios closer together than the A/A
+spread are noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import loopwatch
+
+SLEEPS = 500_000
+PING_PONGS = 100_000
+
+
+async def asyncio_sleeps(n: int) -> None:
+    sleep = asyncio.sleep
+    for _ in range(n):
+        await sleep(0)
+
+
+async def asyncio_ping_pong(n: int) -> None:
+    ping: asyncio.Queue[int] = asyncio.Queue()
+    pong: asyncio.Queue[int] = asyncio.Queue()
+
+    async def echo() -> None:
+        for _ in range(n):
+            await pong.put(await ping.get())
+
+    task = asyncio.create_task(echo())
+    for i in range(n):
+        await ping.put(i)
+        await pong.get()
+    await task
+
+
+async def trio_sleeps(n: int) -> None:
+    import trio
+
+    sleep = trio.sleep
+    for _ in range(n):
+        await sleep(0)
+
+
+async def trio_ping_pong(n: int) -> None:
+    import trio
+
+    ping_send, ping_recv = trio.open_memory_channel[int](1)
+    pong_send, pong_recv = trio.open_memory_channel[int](1)
+
+    async def echo() -> None:
+        for _ in range(n):
+            await pong_send.send(await ping_recv.receive())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(echo)
+        for i in range(n):
+            await ping_send.send(i)
+            await pong_recv.receive()
+
+
+WORK = {
+    "asyncio": {"sleep(0)": asyncio_sleeps, "ping-pong": asyncio_ping_pong},
+    "uvloop": {"sleep(0)": asyncio_sleeps, "ping-pong": asyncio_ping_pong},
+    "trio": {"sleep(0)": trio_sleeps, "ping-pong": trio_ping_pong},
+}
+
+
+def bare():
+    return contextlib.nullcontext()
+
+
+def watched():
+    return loopwatch.watch(log_blocks=False)
+
+
+def pyleak_watched():
+    from pyleak import no_event_loop_blocking
+
+    return no_event_loop_blocking()
+
+
+class _Async:
+    """An async context manager around a maybe-sync factory (nullcontext is both)."""
+
+    def __init__(self, make: Callable[[], object]) -> None:
+        self.make = make
+
+    async def __aenter__(self) -> None:
+        self.cm = self.make()
+        await self.cm.__aenter__()  # type: ignore[attr-defined]
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.cm.__aexit__(*exc)  # type: ignore[attr-defined]
+
+
+def run_once(backend: str, work, n: int, make) -> float:
+    async def main() -> float:
+        async with _Async(make):
+            start = time.perf_counter()
+            await work(n)
+            return time.perf_counter() - start
+
+    if backend == "asyncio":
+        return asyncio.run(main())
+    if backend == "uvloop":
+        import uvloop
+
+        return uvloop.run(main())
+    import trio
+
+    return trio.run(main)
+
+
+def configurations() -> dict[str, Callable[[], object]]:
+    configs: dict[str, Callable[[], object]] = {"bare": bare, "loopwatch": watched}
+    try:
+        import pyleak  # noqa: F401
+
+        configs["pyleak"] = pyleak_watched
+    except ImportError:
+        print("pyleak is not installed (pip install pyleak): its line is skipped")
+    configs["bare-again"] = bare
+    return configs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--scale", type=float, default=1.0, help="fraction of the iteration counts")
+    parser.add_argument("--backends", default="asyncio,uvloop,trio")
+    args = parser.parse_args()
+    logging.getLogger("pyleak").setLevel(logging.ERROR)
+    warnings.simplefilter("ignore", ResourceWarning)
+    counts = {"sleep(0)": int(SLEEPS * args.scale), "ping-pong": int(PING_PONGS * args.scale)}
+    configs = configurations()
+    names = list(configs)
+    cases = [(b, w) for b in args.backends.split(",") for w in WORK[b]]
+    times: dict[tuple[str, str, str], list[float]] = {}
+    for backend, work in cases:  # warm-up, discarded
+        for name in names:
+            run_once(backend, WORK[backend][work], counts[work] // 10, configs[name])
+    for index in range(args.rounds):
+        for backend, work in cases:
+            order = names[index % len(names) :] + names[: index % len(names)]
+            for name in order:
+                seconds = run_once(backend, WORK[backend][work], counts[work], configs[name])
+                times.setdefault((backend, work, name), []).append(seconds)
+    print(f"{args.rounds} rounds; {counts['sleep(0)']} sleep(0), {counts['ping-pong']} ping-pongs; order rotated")
+    for backend, work in cases:
+        base = times[(backend, work, "bare")]
+        line = f"{backend:<8} {work:<10} bare {statistics.median(base):.3f} s"
+        for name in names[1:]:
+            ratios = [o / b for b, o in zip(base, times[(backend, work, name)], strict=True)]
+            label = "A/A" if name == "bare-again" else name
+            line += f" | {label} {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

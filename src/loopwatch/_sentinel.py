@@ -329,7 +329,9 @@ class _ProfileWaker:
 
 async def _sleep_on_trio(beats: _Beats) -> None:
     """Trio: park the sentinel until the run loop comes back from its next wait for I/O (`after_io_wait`,
-    called before any task runs), which makes the new baseline and wakes the sentinel."""
+    called before any task runs) or, first, steps another task: one of the batch the sentinel ran in (they
+    are out of the run queue, so `tasks_runnable` did not count them). Either makes the new baseline and
+    wakes the sentinel; the instrument is removed at once, so a busy loop never calls it."""
     import trio
 
     task = trio.lowlevel.current_task()
@@ -339,6 +341,9 @@ async def _sleep_on_trio(beats: _Beats) -> None:
             trio.lowlevel.remove_instrument(self)
             _safely(beats.wake)
             trio.lowlevel.reschedule(task)
+
+        def before_task_step(self, stepping: object) -> None:
+            self.after_io_wait(0.0)
 
     wake = Wake()
     beats.sleep()

@@ -109,12 +109,14 @@ class _Async:
         await self.cm.__aexit__(*exc)  # type: ignore[attr-defined]
 
 
-def run_once(backend: str, work, n: int, make) -> float:
-    async def main() -> float:
+def run_once(backend: str, work, n: int, make) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the whole process: the loop and any watching thread) of one run."""
+
+    async def main() -> tuple[float, float]:
         async with _Async(make):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             await work(n)
-            return time.perf_counter() - start
+            return time.perf_counter() - start, time.process_time() - cpu
 
     if backend == "asyncio":
         return asyncio.run(main())
@@ -151,7 +153,7 @@ def main() -> None:
     configs = configurations()
     names = list(configs)
     cases = [(b, w) for b in args.backends.split(",") for w in WORK[b]]
-    times: dict[tuple[str, str, str], list[float]] = {}
+    times: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
     for backend, work in cases:  # warm-up, discarded
         for name in names:
             run_once(backend, WORK[backend][work], counts[work] // 10, configs[name])
@@ -162,14 +164,17 @@ def main() -> None:
                 seconds = run_once(backend, WORK[backend][work], counts[work], configs[name])
                 times.setdefault((backend, work, name), []).append(seconds)
     print(f"{args.rounds} rounds; {counts['sleep(0)']} sleep(0), {counts['ping-pong']} ping-pongs; order rotated")
-    for backend, work in cases:
-        base = times[(backend, work, "bare")]
-        line = f"{backend:<8} {work:<10} bare {statistics.median(base):.3f} s"
-        for name in names[1:]:
-            ratios = [o / b for b, o in zip(base, times[(backend, work, name)], strict=True)]
-            label = "A/A" if name == "bare-again" else name
-            line += f" | {label} {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
-        print(line)
+    print("ratio to bare: median of the rounds (their range); CPU = the process's CPU time, wall = elapsed time")
+    for which, column in (("CPU", 1), ("wall", 0)):
+        for backend, work in cases:
+            base = [t[column] for t in times[(backend, work, "bare")]]
+            line = f"{which:<5}{backend:<8} {work:<10} bare {statistics.median(base):.3f} s"
+            for name in names[1:]:
+                other = [t[column] for t in times[(backend, work, name)]]
+                ratios = [o / b for b, o in zip(base, other, strict=True)]
+                label = "A/A" if name == "bare-again" else name
+                line += f" | {label} {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
+            print(line)
 
 
 if __name__ == "__main__":

@@ -171,3 +171,21 @@ async def test_on_uvloop_a_profiler_in_place_keeps_the_sentinel_beating(anyio_ba
     finally:
         assert sys.getprofile() is profiler  # left as it was
         sys.setprofile(None)
+
+
+@needs_timer
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
+async def test_two_watches_of_one_idle_loop_both_catch_a_block_and_leave_its_selector_as_it_was(anyio_backend):
+    import asyncio
+
+    selector = asyncio.get_running_loop()._selector  # type: ignore[attr-defined]
+    async with loopwatch.watch(threshold=0.1, log_blocks=False) as outer:
+        async with loopwatch.watch(threshold=0.1, log_blocks=False) as inner:
+            for _ in range(2):
+                await anyio.sleep(0.3)  # both sentinels asleep
+                time.sleep(0.2)
+            await inner.settle()
+        await outer.settle()
+    assert [e.kind for e in inner.recent if e.kind != "gc"] == ["wait", "wait"]
+    assert [e.kind for e in outer.recent if e.kind != "gc"] == ["wait", "wait"]
+    assert "select" not in vars(selector)

@@ -13,6 +13,7 @@ import logging
 import math
 import sys
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 
@@ -263,42 +264,78 @@ async def _beat_on_trio(beats: _Beats) -> None:
             await _sleep_on_trio(beats)
 
 
-def _waker(loop, wake: Callable[[], None]) -> _SelectWaker | _ProfileWaker:
+def _waker(loop, wake: Callable[[], None]) -> _SelectWake | _ProfileWaker:
     """What tells the sentinel that an idle asyncio loop woke: its selector's return, or else (uvloop, whose
     loop is C) the first Python event on the loop thread."""
     selector = getattr(loop, "_selector", None)
     if selector is not None and callable(getattr(selector, "select", None)):
-        return _SelectWaker(selector, wake)
+        shared = _SELECTORS.get(selector)
+        if shared is None:
+            shared = _SELECTORS[selector] = _SelectWaker(selector)
+        return _SelectWake(shared, wake)
     return _ProfileWaker(wake)
 
 
 class _SelectWaker:
-    """Shadows the loop's `selector.select` while the sentinel sleeps: its first return (the loop woke: I/O,
-    a timer due, a call from another thread) calls `wake`, before the loop runs any callback. Busy loops
-    never see it (it is there only while the sentinel sleeps)."""
+    """Shadows a loop's `selector.select` while a sentinel on it sleeps: its first return (the loop woke: I/O,
+    a timer due, a call from another thread) calls the sleepers' `wake`, before the loop runs any callback.
+    One per selector, so watches nested on one loop never wrap each other; busy loops never see it (it is
+    there only while a sentinel sleeps)."""
 
-    def __init__(self, selector, wake: Callable[[], None]) -> None:
-        self._selector, self._wake = selector, wake
-        self._own = "select" in vars(selector)  # someone's instance attribute already: put it back after
-        self._original = selector.select
+    def __init__(self, selector) -> None:
+        self._selector = selector
+        self._waiting: list[Callable[[], None]] = []
+        self._had: object = None
+        self._original: Callable[..., object] = selector.select
 
-    def arm(self) -> bool:
-        self._selector.select = self._select
-        return True
+    def arm(self, wake: Callable[[], None]) -> None:
+        if not self._waiting:
+            selector = self._selector
+            self._had = vars(selector).get("select", _MISSING)  # someone's instance attribute: put back after
+            self._original = selector.select
+            selector.select = self._select
+        self._waiting.append(wake)
 
-    def disarm(self) -> None:
-        if vars(self._selector).get("select") == self._select:
-            if self._own:
-                self._selector.select = self._original
+    def disarm(self, wake: Callable[[], None]) -> None:
+        if wake in self._waiting:
+            self._waiting.remove(wake)
+            if not self._waiting:
+                self._restore()
+
+    def _restore(self) -> None:
+        selector = self._selector
+        if vars(selector).get("select") == self._select:
+            if self._had is _MISSING:
+                del selector.select
             else:
-                del self._selector.select
+                selector.select = self._had
 
     def _select(self, timeout: float | None = None):
         try:
             return self._original(timeout)
         finally:
-            self.disarm()
-            _safely(self._wake)
+            waiting, self._waiting = self._waiting, []
+            self._restore()
+            for wake in waiting:
+                _safely(wake)
+
+
+class _SelectWake:
+    """One sentinel's side of its loop's `_SelectWaker`."""
+
+    def __init__(self, shared: _SelectWaker, wake: Callable[[], None]) -> None:
+        self._shared, self._wake = shared, wake
+
+    def arm(self) -> bool:
+        self._shared.arm(self._wake)
+        return True
+
+    def disarm(self) -> None:
+        self._shared.disarm(self._wake)
+
+
+_MISSING = object()
+_SELECTORS: weakref.WeakKeyDictionary[object, _SelectWaker] = weakref.WeakKeyDictionary()
 
 
 class _ProfileWaker:

@@ -225,7 +225,11 @@ async def _beat_by_timerfd(beats: _Beats, loop, timer) -> None:
             else:
                 arm()
 
-    loop.add_reader(fd, tick)
+    try:
+        loop.add_reader(fd, tick)
+    except NotImplementedError:  # a loop without readers (a proactor): the scheduled heap it is
+        await _beat_by_callback(beats, loop)
+        return
     try:
         await anyio.sleep_forever()
     finally:

@@ -72,16 +72,17 @@ def test_an_idle_loop_is_never_a_block_however_long_it_sleeps():
     assert not detector.blocked and not hb.late
 
 
-def test_a_block_right_after_the_loop_wakes_is_timed_from_the_wake_and_caught_at_threshold_plus_a_beat():
+@pytest.mark.parametrize("interval", [0.002, 0.01, 0.05])
+def test_a_block_right_after_the_loop_wakes_is_timed_from_the_wake_and_caught_at_threshold_plus_a_beat(interval):
     clocks = Clocks()
-    hb = Heartbeat(0.01, 0.1, clock=lambda: clocks.now)
+    hb = Heartbeat(interval, 0.1, clock=lambda: clocks.now)
     beats = clocks.beats(hb)
     events = []
     detector = Detector(
-        hb, poll_interval=0.01, clock=lambda: clocks.now, sampler=lambda: None, emit=lambda e, c: events.append(e)
+        hb, poll_interval=interval, clock=lambda: clocks.now, sampler=lambda: None, emit=lambda e, c: events.append(e)
     )
     detector.timer = True
-    clocks.advance(0.01)
+    clocks.advance(interval)
     beats.beat()
     beats.sleep()
     for _ in range(6):  # asleep half a minute, the watchdog looking as rarely as it is told to
@@ -91,19 +92,19 @@ def test_a_block_right_after_the_loop_wakes_is_timed_from_the_wake_and_caught_at
     beats.wake()
     assert len(clocks.armed) == armed + 1  # the stall timer is armed again before anything runs
     woke = clocks.now
-    clocks.advance(0.1 + 0.01 - 0.001)
+    clocks.advance(0.1 + interval - 0.001)
     detector.poll()
     assert not detector.blocked  # not before threshold plus one beat
     clocks.advance(0.002)
     detector.poll()
     assert detector.blocked  # the stall timer fires at threshold plus one beat: a block at once
     while clocks.now < woke + 0.5:  # the watchdog samples the block every interval
-        clocks.advance(0.01, busy=1.0)
+        clocks.advance(interval, busy=1.0)
         detector.poll()
     beats.beat()  # the beat the block held up
     detector.poll()
     [event] = events
-    assert event.duration_s == pytest.approx(clocks.now - woke - 0.01)
+    assert event.duration_s == pytest.approx(clocks.now - woke - interval)
     assert event.kind == "cpu"
 
 

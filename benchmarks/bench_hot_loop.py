@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import logging
 import statistics
 import time
@@ -131,8 +132,11 @@ def run_once(backend: str, work, n: int, make) -> tuple[float, float]:
     return trio.run(main)
 
 
-def configurations() -> dict[str, Callable[[], object]]:
+def configurations(also: list[str]) -> dict[str, Callable[[], object]]:
     configs: dict[str, Callable[[], object]] = {"bare": bare, "loopwatch": watched}
+    for name in also:  # another copy of loopwatch, importable under another name (an older release, a branch)
+        module = importlib.import_module(name)
+        configs[name] = lambda module=module: module.watch(log_blocks=False)
     try:
         import pyleak  # noqa: F401
 
@@ -148,11 +152,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--scale", type=float, default=0.2, help="fraction of 500k sleeps / 100k ping-pongs")
     parser.add_argument("--backends", default="asyncio,uvloop,trio")
+    parser.add_argument("--also", action="append", default=[], metavar="MODULE",
+                        help="time MODULE.watch() too: a copy of loopwatch under another name, to compare versions")
     args = parser.parse_args()
     logging.getLogger("pyleak").setLevel(logging.ERROR)
     warnings.simplefilter("ignore", ResourceWarning)
     counts = {"sleep(0)": int(SLEEPS * args.scale), "ping-pong": int(PING_PONGS * args.scale)}
-    configs = configurations()
+    configs = configurations(args.also)
     names = list(configs)
     cases = [(b, w) for b in args.backends.split(",") for w in WORK[b]]
     times: dict[tuple[str, str, str], list[tuple[float, float]]] = {}

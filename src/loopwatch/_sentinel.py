@@ -73,8 +73,8 @@ def current_backend() -> str | None:
     return None
 
 
-CHECK_EVERY = 100
-"""Beats between calls of the sentinel's `check` (about a second at 10 ms)."""
+CHECK_EVERY = 1.0
+"""Seconds between calls of the sentinel's `check`, at a beat or a wake-up (none while the loop idles)."""
 IDLE_CPU = 0.05
 """A beat finds the loop idle when its thread used less than this share of a core since the beat before."""
 
@@ -93,7 +93,9 @@ class _Beats:
     beat.
     """
 
-    __slots__ = ("hb", "clock", "check", "on_beat", "cpu", "interval", "count", "last", "pause", "_cpu_at", "_failed")
+    __slots__ = (
+        "hb", "clock", "check", "on_beat", "cpu", "interval", "count", "last", "pause", "_cpu_at", "_checked", "_failed"
+    )
 
     def __init__(self, heartbeat: Heartbeat, clock: Clock, check, on_beat, cpu, pause=None) -> None:
         self.hb, self.clock, self.check, self.on_beat = heartbeat, clock, check, on_beat
@@ -104,7 +106,8 @@ class _Beats:
         self._cpu_at = self.cpu()
         heartbeat.restart(self.last, self._cpu_at)
         self._failed = False
-        self._hooks(self.last, self.count)  # the baseline is a beat too: a stall timer counts from it
+        self._checked = self.last
+        self._hooks(self.last)  # the baseline is a beat too: a stall timer counts from it
 
     def beat(self) -> bool:
         """One beat; True when the loop was idle since the beat before (then the caller may `sleep`)."""
@@ -114,7 +117,7 @@ class _Beats:
         lag = max(0.0, now - last - self.interval)
         self.hb.record(count, now, lag, cpu)
         self.last, self._cpu_at = now, cpu
-        self._hooks(now, count)
+        self._hooks(now)
         return (
             self.pause is not None
             and lag < self.interval
@@ -133,11 +136,12 @@ class _Beats:
         now, cpu = self.clock(), self.cpu()
         self.last, self._cpu_at = now, cpu
         self.hb.restart(now, cpu)
-        self._call(self.on_beat, now)
+        self._hooks(now)  # a server idle for hours runs its once-a-second check at the first request
 
-    def _hooks(self, now: float, count: int) -> None:
+    def _hooks(self, now: float) -> None:
         self._call(self.on_beat, now)
-        if self.check is not None and count and count % CHECK_EVERY == 0:
+        if self.check is not None and now - self._checked >= CHECK_EVERY:
+            self._checked = now
             self._call(self.check)
 
     def _call(self, hook, *args) -> None:

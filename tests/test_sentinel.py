@@ -190,3 +190,20 @@ async def test_two_watches_of_one_idle_loop_both_catch_a_block_and_leave_its_sel
     assert [e.kind for e in inner.recent if e.kind != "gc"] == ["wait", "wait"]
     assert [e.kind for e in outer.recent if e.kind != "gc"] == ["wait", "wait"]
     assert "select" not in vars(selector)
+
+
+def test_the_once_a_second_check_runs_at_the_first_wake_up_after_a_long_idle():
+    clocks = Clocks()
+    hb = Heartbeat(0.01, 0.1, clock=lambda: clocks.now)
+    checks = []
+    beats = _Beats(hb, lambda: clocks.now, lambda: checks.append(clocks.now), None, lambda: clocks.cpu, lambda: None)
+    clocks.advance(0.01)
+    beats.beat()
+    beats.sleep()
+    assert checks == []
+    clocks.advance(3600.0)
+    beats.wake()  # the first request in an hour
+    assert checks == [clocks.now]
+    clocks.advance(0.01)
+    beats.beat()
+    assert len(checks) == 1  # then once a second again

@@ -139,19 +139,27 @@ class _Beats:
         self._hooks(now)  # a server idle for hours runs its once-a-second check at the first request
 
     def _hooks(self, now: float) -> None:
-        self._call(self.on_beat, now)
-        if self.check is not None and now - self._checked >= CHECK_EVERY:
-            self._checked = now
-            self._call(self.check)
+        try:  # one frame a beat: no `_call` for the hook that runs at every beat
+            if self.on_beat is not None:
+                self.on_beat(now)
+            if self.check is not None and now - self._checked >= CHECK_EVERY:
+                self._checked = now
+                self.check()
+        except Exception:  # the watch's own hooks: never the loop's problem
+            self._log_failure()
 
     def _call(self, hook, *args) -> None:
         try:
             if hook is not None:
                 hook(*args)
         except Exception:  # the watch's own hooks: never the loop's problem
-            if not self._failed:
-                self._failed = True
-                logging.getLogger("loopwatch").exception("loopwatch sentinel hook failed; the sentinel goes on")
+            self._log_failure()
+
+    def _log_failure(self) -> None:
+        """In an `except` block: the first failure is logged with its traceback, later ones not at all."""
+        if not self._failed:
+            self._failed = True
+            logging.getLogger("loopwatch").exception("loopwatch sentinel hook failed; the sentinel goes on")
 
     def finish(self) -> None:
         """Watching ends (the loop is closing, maybe right after a block): a block still unfinished gets its

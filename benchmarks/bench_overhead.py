@@ -6,9 +6,9 @@ Each round opens an in-memory client on the bare server, then on the wrapped one
 and watchdog thread start with the client, so their cost is in the figure), in alternating order, and
 times `calls` sequential tools/call round trips of a no-op async tool. Prints the median of the per-round
 ratios (target <= 1.015 for the core) with a 95% bootstrap interval of that median and, for scale, the SDK's
-own OpenTelemetryMiddleware against no middleware; for wall time, then for the process's CPU time. An A/A line (a second bare server against the first) shows
-how far apart two identical configurations land on this machine in this run: differences smaller than its
-spread are noise. "announce on vs off" compares the defaults with and without the announcement socket that
+own OpenTelemetryMiddleware against no middleware; for wall time, then for the process's CPU time. An A/A
+line (a second bare server against the first) shows how far apart two identical configurations land on
+this machine in this run: differences smaller than its spread are noise. "announce on vs off" compares the defaults with and without the announcement socket that
 `loopwatch top` reads (its thread starts and stops with each round's session).
 """
 

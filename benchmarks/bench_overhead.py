@@ -8,8 +8,10 @@ times `calls` sequential tools/call round trips of a no-op async tool. Prints th
 ratios (target <= 1.015 for the core) with a 95% bootstrap interval of that median and, for scale, the SDK's
 own OpenTelemetryMiddleware against no middleware; for wall time, then for the process's CPU time. An A/A
 line (a second bare server against the first) shows how far apart two identical configurations land on
-this machine in this run: differences smaller than its spread are noise. "announce on vs off" compares the defaults with and without the announcement socket that
-`loopwatch top` reads (its thread starts and stops with each round's session).
+this machine in this run: differences smaller than its spread are noise. "announce on vs off" compares
+the defaults with and without the announcement socket that `loopwatch top` reads (its thread starts and
+stops with each round's session). `--also MODULE` times another copy of loopwatch (an older release
+copied under another name, on PYTHONPATH) in the same run.
 """
 
 from __future__ import annotations

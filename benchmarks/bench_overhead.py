@@ -5,16 +5,19 @@
 Each round opens an in-memory client on the bare server, then on the wrapped one (whose monitor, sentinel
 and watchdog thread start with the client, so their cost is in the figure), in alternating order, and
 times `calls` sequential tools/call round trips of a no-op async tool. Prints the median of the per-round
-ratios (target <= 1.03) with a 95% bootstrap interval of that median and, for scale, the SDK's own
-OpenTelemetryMiddleware against no middleware. An A/A line (a second bare server against the first) shows
-how far apart two identical configurations land on this machine in this run: differences smaller than its
-spread are noise. "announce on vs off" compares the defaults with and without the announcement socket that
-`loopwatch top` reads (its thread starts and stops with each round's session).
+ratios (target <= 1.015 for the core) with a 95% bootstrap interval of that median and, for scale, the SDK's
+own OpenTelemetryMiddleware against no middleware; for wall time, then for the process's CPU time. An A/A
+line (a second bare server against the first) shows how far apart two identical configurations land on
+this machine in this run: differences smaller than its spread are noise. "announce on vs off" compares
+the defaults with and without the announcement socket that `loopwatch top` reads (its thread starts and
+stops with each round's session). `--also MODULE` times another copy of loopwatch (an older release
+copied under another name, on PYTHONPATH) in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import random
 import statistics
 import time
@@ -36,17 +39,21 @@ def make_server(name: str) -> MCPServer:
     return server
 
 
-async def timed_round(server: MCPServer, calls: int) -> float:
+async def timed_round(server: MCPServer, calls: int, cpu: list[float] | None = None) -> float:
+    """Seconds per call; with `cpu`, the process's CPU seconds per call are appended to it (client, server
+    and watchdog thread alike: less sensitive than wall time to a machine that others share)."""
     async with Client(server) as client:
         for _ in range(20):
             await client.call_tool("noop", {"n": 1})
-        start = time.perf_counter()
+        start, used = time.perf_counter(), time.process_time()
         for i in range(calls):
             await client.call_tool("noop", {"n": i})
+        if cpu is not None:
+            cpu.append((time.process_time() - used) / calls)
         return (time.perf_counter() - start) / calls
 
 
-async def main(rounds: int, calls: int) -> None:
+async def main(rounds: int, calls: int, also: tuple[str, ...] = ()) -> None:
     bare = make_server("bare")
     bare_again = make_server("bare-again")
     core = make_server("core")
@@ -58,21 +65,30 @@ async def main(rounds: int, calls: int) -> None:
     no_mw = make_server("no-middleware")
     no_mw.middleware.clear()  # the SDK's OpenTelemetryMiddleware removed, for scale
     servers = {"bare": bare, "core": core, "default": default, "quiet": quiet, "none": no_mw, "bare-again": bare_again}
+    for module_name in also:  # another copy of loopwatch under another name (an older release, a branch)
+        other = make_server(module_name)
+        importlib.import_module(module_name).instrument(other, traces=False, log_blocks=False)
+        servers[module_name] = other
     for server in servers.values():  # warm-up, discarded: the first run of anything in a process is slow
         await timed_round(server, calls)
     times: dict[str, list[float]] = {name: [] for name in servers}
+    cpu: dict[str, list[float]] = {name: [] for name in servers}
     names = list(servers)
     for index in range(rounds):
         order = names[index % len(names) :] + names[: index % len(names)]  # rotate who goes first
         for name in order:
-            times[name].append(await timed_round(servers[name], calls))
+            times[name].append(await timed_round(servers[name], calls, cpu[name]))
     print(f"{rounds} rounds x {calls} sequential in-memory tools/call round trips, configurations rotated per round")
-    report("loopwatch core (traces=False) vs bare", times["bare"], times["core"])
-    report("loopwatch defaults vs bare", times["bare"], times["default"])
-    report("defaults, announce off vs bare", times["bare"], times["quiet"])
-    report("announce on vs off (both defaults)", times["quiet"], times["default"])
-    report("SDK OpenTelemetryMiddleware vs none", times["none"], times["bare"])
-    report("A/A: bare vs the same bare again", times["bare"], times["bare-again"])
+    for label, table in (("wall", times), ("CPU", cpu)):
+        print(f"{label} time per call:")
+        report("loopwatch core (traces=False) vs bare", table["bare"], table["core"])
+        report("loopwatch defaults vs bare", table["bare"], table["default"])
+        report("defaults, announce off vs bare", table["bare"], table["quiet"])
+        report("announce on vs off (both defaults)", table["quiet"], table["default"])
+        report("SDK OpenTelemetryMiddleware vs none", table["none"], table["bare"])
+        report("A/A: bare vs the same bare again", table["bare"], table["bare-again"])
+        for module_name in also:
+            report(f"{module_name} core vs bare", table["bare"], table[module_name])
 
 
 def report(label: str, base: list[float], other: list[float]) -> None:
@@ -95,5 +111,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--calls", type=int, default=400)
+    parser.add_argument("--also", action="append", default=[], metavar="MODULE",
+                        help="time MODULE.instrument() too: a copy of loopwatch under another name (compare versions)")
     args = parser.parse_args()
-    anyio.run(main, args.rounds, args.calls)
+    anyio.run(main, args.rounds, args.calls, tuple(args.also))

@@ -163,7 +163,8 @@ class Monitor:
         """The sentinel, in a cancel scope of its own: `stop_watching()` ends it without touching the server."""
         with anyio.CancelScope() as scope:
             self._cancel_sentinel = _canceller(scope)
-            await run_sentinel(heartbeat, time.monotonic, self._check, self._handoff, loop_cpu_clock(),
+            pause = self._pause if self._timer is not None else None  # idle only with a stall timer
+            await run_sentinel(heartbeat, time.monotonic, self._check, self._handoff, loop_cpu_clock(), pause,
                                task_status=task_status)
 
     def stop_watching(self) -> None:
@@ -238,6 +239,11 @@ class Monitor:
         watchdog = self._watchdog
         if watchdog is not None:
             watchdog.handoff(now)
+
+    def _pause(self) -> None:
+        watchdog = self._watchdog
+        if watchdog is not None:
+            watchdog.pause()
 
     def _check(self) -> None:
         """On the loop, about once a second."""

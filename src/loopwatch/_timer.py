@@ -54,6 +54,7 @@ class StallTimer:
         self._spec = _Itimerspec(_Timespec(0, 0), _Timespec(seconds, max(1, round((delay - seconds) * 1e9))))
         self._off = _Itimerspec(_Timespec(0, 0), _Timespec(0, 0))
         self._settime = settime
+        self._off_ref = ctypes.byref(self._off)
         self._lock = threading.Lock()
         # No argtypes: ints, a byref and None convert natively, a third faster than declared types (measured).
         self.arm: Callable[[], int] = functools.partial(settime, fd, 0, ctypes.byref(self._spec), None)
@@ -61,6 +62,13 @@ class StallTimer:
             errno = ctypes.get_errno()
             os.close(fd)
             raise OSError(errno, os.strerror(errno))
+
+    def disarm(self) -> None:
+        """Stop the timer, on the thread that arms it: it fires only after the next `arm()`. An expiry not yet
+        read is dropped too (setting a timerfd resets its count), so the descriptor stops being readable."""
+        fd = self.fd
+        if fd is not None:
+            self._settime(fd, 0, self._off_ref, None)
 
     def clear(self) -> None:
         """Consume an expiry, so the descriptor stops being readable (on the watchdog thread)."""
@@ -79,7 +87,7 @@ class StallTimer:
             if fd is None:
                 return
             self.arm = _closed
-            self._settime(fd, 0, ctypes.byref(self._off), None)
+            self._settime(fd, 0, self._off_ref, None)
             os.close(fd)
 
 

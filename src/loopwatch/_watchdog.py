@@ -7,6 +7,7 @@ so it is tested without threads or sleeps. `Watchdog` is the thin thread that ca
 from __future__ import annotations
 
 import logging
+import math
 import os
 import select
 import sys
@@ -46,6 +47,9 @@ a second); it goes on as soon as the watchdog runs (a median 0.18 ms, measured, 
 CPU_SHARE = 0.5
 HOUSEKEEPING = 1.0
 """Seconds between the watchdog's looks while the loop beats, when a stall timer wakes it for blocks."""
+IDLE_HOUSEKEEPING = 5.0
+"""Seconds between its looks while the sentinel sleeps (the loop is idle): the stall timer, armed again when
+the loop wakes, wakes it for a block, and a posted event wakes it at once."""
 
 
 RUN_SAMPLES = 64
@@ -331,7 +335,8 @@ class Detector:
             return self.poll_interval  # one more look right after a block: what waits on its report goes on
         due = beat_time + self.hb.interval + self.hb.threshold - now
         if self.timer and due > self.hb.threshold / 2:
-            return HOUSEKEEPING  # the loop beats: the stall timer wakes the watchdog if it stops
+            # The loop beats (or idles: no beat is due): the stall timer wakes the watchdog if it stops.
+            return HOUSEKEEPING if due != math.inf else IDLE_HOUSEKEEPING
         return min(max(due, self.poll_interval), self.hb.threshold + self.hb.interval)
 
     def _finish(self, end_count: int, end: float, lag: float, cpu: float | None, *, now: float) -> None:
@@ -790,6 +795,14 @@ class Watchdog:
             self._handed_off_for = due
             self._sleeper.wake()
             self._running.acquire(timeout=GIL_HANDOFF)
+
+    def pause(self) -> None:
+        """The sentinel stops beating (the loop is idle): the stall timer is disarmed, so it wakes nobody; the
+        next `handoff` (the loop woke) arms it again at once."""
+        self._rearm_at = 0.0
+        timer = self.timer
+        if timer is not None:
+            timer.disarm()
 
     def _lose_timer(self) -> None:
         """The timer stopped working (it was closed under a running sentinel): look on a schedule again."""

@@ -36,3 +36,11 @@ def exporter():
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     yield exporter
     exporter.shutdown()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _client_imports_warm():
+    """The SDK's client imports jsonschema lazily, on the loop, at its first structured tool result: a real
+    block (hundreds of ms on a loaded machine) in whichever test first uses a client. Tests that count blocks
+    should see their own code's blocks, not the test client's first import, so it happens once here."""
+    import jsonschema.validators  # noqa: F401

@@ -332,6 +332,10 @@ def instrument(server: Any, **options: Any) -> Handle:
     if monitor._writer is not None:  # events lines name their server (several may share a file)
         monitor._writer.context["server"] = getattr(server, "name", None)
     handle = Handle(server, adapter, monitor)
+    if not adapter.supported:  # an SDK loopwatch can't watch: say so once, and let the server run as it is
+        logger.warning("%s", adapter.problem)
+        setattr(adapter.lowlevel, _ATTR, handle)
+        return handle
     handle._install()
     from ._extensions import install_extensions
 

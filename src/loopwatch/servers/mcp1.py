@@ -306,7 +306,8 @@ def _read_request_frame(frame: Any) -> Any:
         return None
     name = getattr(getattr(req, "params", None), "name", None) if method == "tools/call" else None
     tool = report_text(name) if isinstance(name, str) else None  # cut and escaped, as every client-chosen string
-    return CallRecord(method, tool, getattr(message, "request_id", None), None)
+    # The request object stands for the call: samples of one request agree on it (`call_key`).
+    return CallRecord(method, tool, getattr(message, "request_id", None), req)
 
 
 def register_sdk_frames() -> None:

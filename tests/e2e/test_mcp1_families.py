@@ -1,0 +1,242 @@
+"""Servers on mcp 1.x -- the 1.x low-level Server, FastMCP 1, fastmcp 2.x and 3.x -- in environments of their own
+(tests/venvs.py), run under `loopwatch run` and driven by this run's mcp 2.x client, as a user's client drives them.
+
+Each fixture server (tests/fixtures/mcp1/) has a synchronous tool (`report`), an `async def` tool that calls a
+blocking library (`lookup`) and an honest one (`ping`).
+"""
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+from mcp import Client, MCPError, StdioServerParameters
+from venvs import venv_fixture
+
+from helpers import FIXTURES, free_port, read_events
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+
+HERE = FIXTURES / "mcp1"
+MCP1_FASTMCP2 = ["mcp>=1.24,<2", "fastmcp>=2.14,<3", "pytest>=8"]  # pytest: the plugin, in that environment
+MCP1_FASTMCP3 = ["fastmcp>=3,<4"]
+mcp1_fastmcp2 = venv_fixture("mcp1-fastmcp2", MCP1_FASTMCP2, loopwatch="[all]")
+mcp1_fastmcp3 = venv_fixture("mcp1-fastmcp3", MCP1_FASTMCP3)
+
+# family: (environment fixture, server file, the line the synchronous tool blocks on)
+FAMILIES = {
+    "fastmcp1": ("mcp1_fastmcp2", "fastmcp1_server.py", "time.sleep(0.3)  # the synchronous tool"),
+    "mcp1-lowlevel": ("mcp1_fastmcp2", "low_server.py", "time.sleep(0.3)  # the synchronous helper"),
+    "fastmcp2": ("mcp1_fastmcp2", "fastmcp_server.py", "time.sleep(0.3)  # the synchronous tool"),
+    "fastmcp3": ("mcp1_fastmcp3", "fastmcp_server.py", "time.sleep(0.3)  # the synchronous tool"),
+}
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request):
+    env_name, server, sync_line = FAMILIES[request.param]
+    env = request.getfixturevalue(env_name)
+    assert env.version("mcp").startswith("1."), "installing loopwatch moved the server's SDK"
+    return request.param, env, HERE / server, sync_line
+
+
+def line_of(path: Path, text: str) -> int:
+    return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+def watched(env, server, *args):
+    return StdioServerParameters(
+        command=env.python, args=["-m", "loopwatch", "run", str(server), "--threshold", "0.1", *args], env=env.env()
+    )
+
+
+def bare(env, server):
+    return StdioServerParameters(command=env.python, args=[str(server)], env=env.env(), cwd=str(HERE))
+
+
+async def beside(client, blocker, args, honest=8):
+    async with anyio.create_task_group() as tg:
+        for i in range(honest):
+            tg.start_soon(client.call_tool, "ping", {"n": i})
+        await anyio.sleep(0.01)
+        tg.start_soon(client.call_tool, blocker, args)
+
+
+def blocks(path, wanted, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [e for e in read_events(path) if e["event"] == "loop_blocked" and e["kind"] != "gc"]
+        if {e["tool"] for e in found} >= wanted or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+async def test_both_blockers_are_blamed_with_tool_kind_and_line_then_moved_and_no_honest_call_is_blamed(
+    family, tmp_path
+):
+    name, env, server, sync_line = family
+    events = tmp_path / "events.jsonl"
+    with anyio.fail_after(90):
+        async with Client(watched(env, server, "--events", str(events)), mode="legacy") as client:
+            await client.call_tool("ping", {})
+            await beside(client, "report", {"n": 1})
+            await beside(client, "lookup", {"sku": "A-7"})
+            await anyio.sleep(0.3)  # the watchdog reports a block once the loop is free again
+            await beside(client, "report", {"n": 2})  # moved by now: off the loop
+            await beside(client, "lookup", {"sku": "A-8"})
+            answer = await client.call_tool("report", {"n": 3})
+    assert [c.text for c in answer.content] == ["report 3"]
+    found = blocks(events, {"report", "lookup"})
+    by_tool = {}
+    for event in found:
+        by_tool.setdefault(event["tool"], []).append(event)
+    assert set(by_tool) == {"report", "lookup"}, found  # no honest call blamed, nothing else either
+
+    [report] = by_tool["report"]  # once: its later calls ran on a worker thread
+    assert report["kind"] == "wait" and report["method"] == "tools/call" and report["request_id"]
+    assert report["frames"][-1]["file"] == str(server)
+    assert report["frames"][-1]["line"] == line_of(server, sync_line)
+
+    [lookup] = by_tool["lookup"]
+    assert lookup["kind"] == "wait" and lookup["request_id"] and lookup["request_id"] != report["request_id"]
+    assert lookup["frames"][-1]["file"].endswith("legacy_lib.py")
+    assert lookup["frames"][-1]["line"] == line_of(HERE / "legacy_lib.py", "time.sleep(delay)")
+    assert lookup["culprit"]["line"] == line_of(server, "legacy_lib.fetch_record(")
+
+    moved = {e["tool"] for e in read_events(events) if e["event"] == "offloaded"}
+    assert moved == {"report", "lookup"}
+
+
+CALLS = [
+    ("ping", {"n": 1}),
+    ("report", {"n": 2}),
+    ("lookup", {"sku": "B-1"}),
+    ("whoami", {}),
+    ("chatty", {}),
+    ("chatty", {}),  # the second call runs where the first one's block moved it
+    ("fail", {"reason": "no stock"}),
+    ("broken", {}),
+    ("nope", {}),
+    ("ping", {"n": "not a number"}),
+]
+
+
+async def transcript(params, mode):
+    """Every answer, error and log message a client sees, in order."""
+    logs, seen = [], []
+
+    async def on_log(params):
+        logs.append(repr(params.data))
+
+    with anyio.fail_after(60):
+        async with Client(params, mode=mode, logging_callback=on_log) as client:
+            seen.append(sorted(t.name for t in (await client.list_tools()).tools))
+            for tool, args in CALLS:
+                try:
+                    result = await client.call_tool(tool, args)
+                except MCPError as exc:
+                    seen.append(("error", exc.error.code, exc.error.message))
+                else:
+                    content = [c.model_dump(mode="json", exclude_none=True) for c in result.content]
+                    seen.append(("result", result.is_error, content, result.structured_content))
+    return seen, logs
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_answers_errors_and_log_messages_are_the_bare_servers(family, mode):
+    name, env, server, _ = family
+    results = {}
+
+    async def run(key, params):
+        results[key] = await transcript(params, mode)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, "bare", bare(env, server))
+        tg.start_soon(run, "wrapped", watched(env, server))
+    assert results["wrapped"] == results["bare"]
+    seen, logs = results["bare"]
+    assert "pong 1" in json.dumps(seen) and "report 2" in json.dumps(seen)
+    assert len([s for s in seen if s[0] == "error" or s[1] is True]) == 4  # fail, broken, nope, a bad argument
+    assert len(logs) == (2 if name == "mcp1-lowlevel" else 4), logs  # the moved chatty call's messages arrive
+
+
+async def test_auto_mode_against_a_1x_server_falls_back_to_the_handshake(mcp1_fastmcp2):
+    async with Client(watched(mcp1_fastmcp2, HERE / "fastmcp1_server.py"), mode="auto") as client:
+        assert client.protocol_version and client.protocol_version < "2026"
+        assert [c.text for c in (await client.call_tool("ping", {"n": 5})).content] == ["pong 5"]
+
+
+# -- streamable HTTP: the session id, and metrics on the server's own app ---------------------------------
+
+
+def wait_for_port(port, proc, timeout=30.0):
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {proc.stderr.read().decode()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError("server did not listen in time")
+
+
+@pytest.mark.parametrize("server", ["fastmcp1_server.py", "low_server.py", "fastmcp_server.py"])
+async def test_over_streamable_http_blocks_carry_the_session_and_metrics_count_the_calls(
+    mcp1_fastmcp2, server, tmp_path
+):
+    import httpx
+
+    port, events = free_port(), tmp_path / "events.jsonl"
+    args = ["--transport", "streamable-http", "--port", str(port), "--metrics-path", "/metrics", "--events", str(events)]
+    proc = subprocess.Popen(
+        [mcp1_fastmcp2.python, "-m", "loopwatch", "run", str(HERE / server), "--threshold", "0.1", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=mcp1_fastmcp2.env(),
+    )
+    try:
+        wait_for_port(port, proc)
+        with anyio.fail_after(60):
+            async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy") as client:
+                await client.call_tool("ping", {})
+                await beside(client, "lookup", {"sku": "H"})
+            async with httpx.AsyncClient() as http:
+                metrics = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+        [event] = [e for e in blocks(events, {"lookup"}) if e["tool"] == "lookup"]
+        assert event["session_id"], "handshake-era streamable HTTP carries a session id"
+        assert event["request_id"] and event["culprit"]["file"].endswith(server)
+        calls = [line for line in metrics.splitlines() if line.startswith("mcp_server_operation_duration_seconds_count")]
+        assert any('gen_ai_tool_name="ping"' in line and 'network_transport="tcp"' in line and line.endswith(" 9.0")
+                   for line in calls), calls
+        assert 'loopwatch_event_loop_blocks_total{gen_ai_tool_name="lookup",kind="wait"} 1.0' in metrics
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    assert proc.stdout.read() == b""
+
+
+# -- in the server's own process, on mcp 1.x: instrument(), traces, metrics, watch(), testing ------------
+
+
+def test_in_process_features_work_on_mcp_1x(mcp1_fastmcp2):
+    script = FIXTURES / "mcp1" / "inprocess_checks.py"
+    done = subprocess.run([mcp1_fastmcp2.python, str(script)], capture_output=True, text=True, timeout=240,
+                          env=mcp1_fastmcp2.env(), cwd=str(HERE))
+    assert done.returncode == 0, done.stderr[-4000:]
+    checks = json.loads(done.stdout.strip().splitlines()[-1])
+    failed = {name: detail for name, (ok, detail) in checks.items() if not ok}
+    assert not failed, failed
+    assert len(checks) >= 10, checks

@@ -235,6 +235,37 @@ async def test_over_streamable_http_blocks_carry_the_session_and_metrics_count_t
     assert proc.stdout.read() == b""
 
 
+@pytest.mark.parametrize("server", ["fastmcp1_server.py", "low_server.py", "fastmcp_server.py"])
+async def test_over_sse_blocks_are_blamed_on_the_call(mcp1_fastmcp2, server, tmp_path):
+    from mcp import ClientSession
+    from mcp.client.sse import sse_client
+
+    port, events = free_port(), tmp_path / "events.jsonl"
+    args = ["--transport", "sse", "--port", str(port), "--events", str(events)]
+    proc = subprocess.Popen(
+        [mcp1_fastmcp2.python, "-m", "loopwatch", "run", str(HERE / server), "--threshold", "0.1", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=mcp1_fastmcp2.env(),
+    )
+    try:
+        wait_for_port(port, proc)
+        with anyio.fail_after(60):
+            async with sse_client(f"http://127.0.0.1:{port}/sse") as (read, write), ClientSession(read, write) as s:
+                await s.initialize()
+                await s.call_tool("ping", {})
+                answer = await s.call_tool("lookup", {"sku": "S"})
+        assert "S" in answer.content[0].text
+        [event] = [e for e in blocks(events, {"lookup"}) if e["tool"] == "lookup"]
+        assert event["request_id"] and event["kind"] == "wait" and event["culprit"]["file"].endswith(server)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    assert proc.stdout.read() == b""
+
+
 # -- in the server's own process, on mcp 1.x: instrument(), traces, metrics, watch(), testing ------------
 
 
@@ -253,7 +284,8 @@ def test_in_process_features_work_on_mcp_1x(mcp1_fastmcp2):
 
 CALCULATOR = ["mcp-server-calculator==0.2.1"]  # `mcp<2,>=1.4.1`; FastMCP 1; an `async def calculate` tool
 calculator = venv_fixture("published-calculator", CALCULATOR)
-HEAVY = "3**2000000 % 7"  # a big-integer power: CPU on the loop, inside the published server's own evaluator
+HEAVY = " + ".join(["(3**300000 % 7)"] * 12)  # big-integer powers: CPU on the loop, in the server's own evaluator
+# (twelve of them, not one: a single native call that holds the GIL for the whole block can't be sampled)
 SUMS = ["1+2", "sqrt(16)", "2^10", "1/0", "nosuch(1)", "pi*2"]
 
 
@@ -286,6 +318,7 @@ async def test_a_published_server_pinning_mcp_below_2_keeps_its_sdk_and_is_watch
     assert answers["wrapped"] == answers["own"]
     assert answers["own"][0] == (False, ["3"])
     [block] = [e for e in blocks(events, {"calculate"}) if e["kind"] != "gc"]  # the heavy call, and only it
-    assert block["tool"] == "calculate" and block["request_id"] and block["method"] == "tools/call"
+    assert block["tool"] == "calculate" and block["request_id"] and block["kind"] == "cpu"
     assert block["arguments"] == {"expression": HEAVY}
     assert block["culprit"]["file"].endswith("mcp_server_calculator/calculator.py")
+    assert block["frames"][-1]["function"] == "eval_expr"

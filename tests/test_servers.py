@@ -27,6 +27,15 @@ def test_each_server_of_this_sdk_gets_its_family():
     assert adapter_for(fresh("fm_server", "app")).family == "fastmcp4"
 
 
+def test_a_subclass_defined_in_user_code_is_its_frameworks_family():
+    from fastmcp import FastMCP
+
+    class MyServer(FastMCP):
+        pass
+
+    assert adapter_for(MyServer("mine")).family == "fastmcp4"
+
+
 def test_something_else_is_no_server():
     with pytest.raises(TypeError, match="expected an mcp Server"):
         adapter_for(object())

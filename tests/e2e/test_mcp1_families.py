@@ -153,7 +153,11 @@ async def transcript(params, mode):
 
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
 async def test_answers_errors_and_log_messages_are_the_bare_servers(family, mode):
+    """`auto` against a 1.x server: `server/discover` is refused and the client falls back to the handshake.
+    That is the SDK's behaviour, the same for every framework on it: tried on the SDK's own two."""
     name, env, server, _ = family
+    if mode == "auto" and name.startswith("fastmcp") and name != "fastmcp1":
+        pytest.skip("the auto era against mcp 1.x is the SDK's: covered by fastmcp1 and mcp1-lowlevel")
     results = {}
 
     async def run(key, params):
@@ -170,9 +174,10 @@ async def test_answers_errors_and_log_messages_are_the_bare_servers(family, mode
 
 
 async def test_auto_mode_against_a_1x_server_falls_back_to_the_handshake(mcp1_fastmcp2):
-    async with Client(watched(mcp1_fastmcp2, HERE / "fastmcp1_server.py"), mode="auto") as client:
-        assert client.protocol_version and client.protocol_version < "2026"
-        assert [c.text for c in (await client.call_tool("ping", {"n": 5})).content] == ["pong 5"]
+    with anyio.fail_after(60):
+        async with Client(watched(mcp1_fastmcp2, HERE / "low_server.py"), mode="auto") as client:
+            assert client.protocol_version < "2026"  # a handshake-era version: the fallback happened
+            assert [c.text for c in (await client.call_tool("ping", {"n": 5})).content] == ["pong 5"]
 
 
 # -- streamable HTTP: the session id, and metrics on the server's own app ---------------------------------

@@ -89,5 +89,10 @@ def swap_fn(tool: Any, divert: Divert) -> Callable[[], None]:
     return undo
 
 
+def made_by(server: Any, package: str) -> bool:
+    """Whether `server` is an instance of a class from `package` (or of a user's subclass of one)."""
+    return any(c.__module__ == package or c.__module__.startswith(package + ".") for c in type(server).__mro__)
+
+
 def is_sync(fn: Any) -> bool:
     return fn is not None and not inspect.iscoroutinefunction(fn)

@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ._base import Adapter, MiddlewareList, is_sync
+from ._base import Adapter, MiddlewareList, is_sync, made_by
 from .mcp1 import HandlerTable
 
 
 def adapter(server: Any) -> Adapter | None:
     inner = getattr(server, "_mcp_server", None)
-    if inner is None or not type(server).__module__.startswith("fastmcp"):
+    if inner is None or not made_by(server, "fastmcp"):
         return None
     if hasattr(inner, "middleware"):
         return FastMCP4(server, inner)

@@ -20,12 +20,12 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from . import Divert
-from ._base import Adapter
+from ._base import Adapter, made_by
 
 
 def adapter(server: Any) -> Adapter | None:
     inner = getattr(server, "_mcp_server", None)
-    if inner is not None and type(server).__module__.startswith("mcp.server.fastmcp"):
+    if inner is not None and made_by(server, "mcp.server.fastmcp"):
         return FastMCP1(server, inner) if _has_table(inner) else None
     if _has_table(server) and hasattr(server, "lifespan") and hasattr(server, "run"):
         return LowlevelAdapter(server, server)

@@ -301,7 +301,8 @@ def run_command(args: argparse.Namespace) -> int:
         return 2
     import anyio
 
-    logger.info("watching %s over %s (threshold %.0f ms)", args.target, args.transport, args.threshold * 1000)
+    if handle.adapter.supported:  # otherwise instrument() said, in one line, why the server runs unwatched
+        logger.info("watching %s over %s (threshold %.0f ms)", args.target, args.transport, args.threshold * 1000)
     if args.metrics_path and args.transport == "stdio":
         logger.warning("--metrics-path %s is ignored under stdio (there is no HTTP app to add it to): "
                        "use --metrics-port", args.metrics_path)

@@ -327,3 +327,27 @@ async def test_a_published_server_pinning_mcp_below_2_keeps_its_sdk_and_is_watch
     assert block["arguments"] == {"expression": HEAVY}
     assert block["culprit"]["file"].endswith("mcp_server_calculator/calculator.py")
     assert block["frames"][-1]["function"] == "eval_expr"
+
+
+# -- an SDK loopwatch can't watch: one line, and the server runs as it would bare -------------------------
+
+too_old = venv_fixture("mcp-1.23", ["mcp==1.23.3"], no_deps_loopwatch=True)  # loopwatch forced in (--no-deps)
+
+
+async def test_on_an_sdk_it_cannot_watch_loopwatch_run_says_so_in_one_line_and_the_server_runs(too_old, tmp_path):
+    assert too_old.version("mcp") == "1.23.3"
+    errlog = tmp_path / "stderr.txt"
+    params = StdioServerParameters(
+        command=too_old.python, args=["-m", "loopwatch", "run", str(HERE / "fastmcp1_server.py"), "--threshold",
+                                      "0.1", "--events", str(tmp_path / "events.jsonl")], env=too_old.env())
+    from mcp.client.stdio import stdio_client
+
+    with anyio.fail_after(60), open(errlog, "w") as log:
+        async with Client(stdio_client(params, errlog=log), mode="legacy") as client:
+            answers = [await client.call_tool(name, args) for name, args in CALLS[:3]]
+    assert [[c.text for c in a.content] for a in answers[:2]] == [["pong 1"], ["report 2"]]
+    assert [a.is_error for a in answers] == [False, False, False]
+    lines = [line for line in errlog.read_text().splitlines() if "loopwatch" in line and "supported" in line]
+    assert len(lines) == 1 and "mcp 1.23.3 found; supported: mcp 1.24" in lines[0], lines
+    assert "watching" not in errlog.read_text()
+    assert read_events(tmp_path / "events.jsonl") == []  # unwatched: a 300 ms block, and nothing reported

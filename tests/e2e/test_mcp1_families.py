@@ -198,6 +198,32 @@ def wait_for_port(port, proc, timeout=30.0):
     raise AssertionError("server did not listen in time")
 
 
+async def two_sessions(url):
+    """A first session opens, a second one joins, the first one leaves; then the second one's calls block.
+    (An mcp 1.x server enters its lifespan once per HTTP session: the watch must outlive the first.)"""
+    first_open, first_closed = anyio.Event(), anyio.Event()
+
+    async def first():
+        async with Client(url, mode="legacy") as client:
+            await client.list_tools()  # as clients do: a low-level server's tool names are learned from it
+            await client.call_tool("ping", {})
+            first_open.set()
+            await anyio.sleep(0.3)
+        first_closed.set()
+
+    async def second():
+        await first_open.wait()
+        async with Client(url, mode="legacy") as client:
+            await client.list_tools()
+            await first_closed.wait()
+            await anyio.sleep(0.2)
+            await beside(client, "lookup", {"sku": "H"})
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first)
+        tg.start_soon(second)
+
+
 def scrape(url):
     import urllib.request
 
@@ -218,10 +244,7 @@ async def test_over_streamable_http_blocks_carry_the_session_and_metrics_count_t
     try:
         wait_for_port(port, proc)
         with anyio.fail_after(60):
-            async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy") as client:
-                await client.list_tools()  # as clients do: a low-level server's tool names are learned from it
-                await client.call_tool("ping", {})
-                await beside(client, "lookup", {"sku": "H"})
+            await two_sessions(f"http://127.0.0.1:{port}/mcp")
             metrics = await anyio.to_thread.run_sync(scrape, f"http://127.0.0.1:{port}/metrics")
         [event] = [e for e in blocks(events, {"lookup"}) if e["tool"] == "lookup"]
         assert event["session_id"], "handshake-era streamable HTTP carries a session id"

@@ -70,11 +70,16 @@ class FastMCP4(MiddlewareList, Tools):
     family = "fastmcp4"
 
 
-class FastMCP3(HandlerTable, Tools):
+class OnMcp1(HandlerTable, Tools):
+    def http_app(self, transport: str, host: str) -> Any:
+        return self.watched_app(super().http_app(transport, host))
+
+
+class FastMCP3(OnMcp1):
     family = "fastmcp3"
 
 
-class FastMCP2(HandlerTable, Tools):
+class FastMCP2(OnMcp1):
     """fastmcp 2.x: sync tools run inline, on the loop: every tool can block it, and every tool can move."""
 
     family = "fastmcp2"

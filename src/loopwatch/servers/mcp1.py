@@ -245,7 +245,7 @@ class LowlevelAdapter(HandlerTable, Adapter):
     def http_app(self, transport: str, host: str) -> Any:
         from .mcp2 import sse_app
 
-        app = streamable_app(self.server) if transport == "streamable-http" else sse_app(self.server, host)
+        app = streamable_app(self.server, host) if transport == "streamable-http" else sse_app(self.server, host)
         return self.watched_app(app)
 
 
@@ -269,13 +269,16 @@ class FastMCP1(HandlerTable, Adapter):
         return self.watched_app(app)
 
 
-def streamable_app(server: Any) -> Any:
-    """Streamable HTTP at /mcp for a 1.x low-level server (the SDK builds it only for FastMCP)."""
+def streamable_app(server: Any, host: str = "127.0.0.1") -> Any:
+    """Streamable HTTP at /mcp for a 1.x low-level server (the SDK builds it only for FastMCP), with the
+    SDK's DNS-rebinding protection on a loopback host, as FastMCP 1 has it."""
     from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
     from starlette.applications import Starlette
     from starlette.routing import Route
 
-    manager = StreamableHTTPSessionManager(app=server)
+    from .mcp2 import rebinding_protection
+
+    manager = StreamableHTTPSessionManager(app=server, security_settings=rebinding_protection(host))
 
     class Endpoint:
         async def __call__(self, scope: Any, receive: Any, send: Any) -> None:

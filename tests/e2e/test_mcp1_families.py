@@ -312,19 +312,23 @@ def test_in_process_features_work_on_mcp_1x(mcp1_fastmcp2):
 
 CALCULATOR = ["mcp-server-calculator==0.2.1"]  # `mcp<2,>=1.4.1`; FastMCP 1; an `async def calculate` tool
 calculator = venv_fixture("published-calculator", CALCULATOR)
-HEAVY = " + ".join(["(3**300000 % 7)"] * 12)  # big-integer powers: CPU on the loop, in the server's own evaluator
-# (twelve of them, not one: a single native call that holds the GIL for the whole block can't be sampled)
+HEAVY = " + ".join(["(3**300000 % 7)"] * 40)  # big-integer powers (about 0.5 s of CPU), in the server's evaluator
+# (forty of them, not one: a single native call that holds the GIL for the whole block can't be sampled)
 SUMS = ["1+2", "sqrt(16)", "2^10", "1/0", "nosuch(1)", "pi*2"]
 
 
-async def test_a_published_server_pinning_mcp_below_2_keeps_its_sdk_and_is_watched(calculator, tmp_path):
+@pytest.mark.parametrize("form", ["target", "command"])
+async def test_a_published_server_pinning_mcp_below_2_keeps_its_sdk_and_is_watched(calculator, form, tmp_path):
+    """`loopwatch run module:object`, and `loopwatch run -- mcp-server-calculator` (its own console script)."""
     assert calculator.version("mcp").startswith("1."), "installing loopwatch moved the server's SDK"
     events = tmp_path / "events.jsonl"
     own = StdioServerParameters(command=calculator.exe("mcp-server-calculator"), env=calculator.env())
+    how = ["mcp_server_calculator.calculator:mcp"] if form == "target" else []
+    then = ["--", "mcp-server-calculator"] if form == "command" else []
     wrapped = StdioServerParameters(
         command=calculator.exe("loopwatch"),
-        args=["run", "mcp_server_calculator.calculator:mcp", "--threshold", "0.1", "--include-arguments",
-              "--offload", "off", "--events", str(events)],
+        args=["run", *how, "--threshold", "0.1", "--include-arguments", "--offload", "off", "--events", str(events),
+              *then],
         env=calculator.env(),
     )
     answers = {}

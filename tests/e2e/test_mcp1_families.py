@@ -98,7 +98,8 @@ async def test_both_blockers_are_blamed_with_tool_kind_and_line_then_moved_and_n
     found = blocks(events, {"report", "lookup"}, skip=warm_up)
     by_tool = {}
     for event in found:
-        by_tool.setdefault(event["tool"], []).append(event)
+        if event["method"]:  # (a stall of the whole process on a loaded machine blames no call: not counted)
+            by_tool.setdefault(event["tool"], []).append(event)
     assert set(by_tool) == {"report", "lookup"}, found  # no honest call blamed, nothing else either
 
     [report] = by_tool["report"]  # once: its later calls ran on a worker thread

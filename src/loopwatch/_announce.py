@@ -150,6 +150,9 @@ def _call(call: Any) -> dict[str, Any] | None:
 def guess_transport() -> str:
     """For servers nobody told: stdio when fd 0 is a pipe or socket (as MCP clients start them), else HTTP when
     an ASGI server is loaded."""
+    stdio = sys.modules.get("mcp.server.stdio")
+    if 0 in (getattr(stdio, "_claims", None) or ()):  # mcp 2.x's stdio transport moved fd 0 off the wire
+        return "stdio"
     try:
         mode = os.fstat(0).st_mode
     except OSError:

@@ -6,7 +6,9 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import anyio
 import pytest
@@ -280,3 +282,27 @@ def test_stdout_is_the_bare_servers_bytes_and_the_exit_code_its_own_after_a_tool
     assert watched[1] == bare[1] and len(bare[1]) == 4  # byte for byte, and nothing more
     kinds = [e["event"] for e in read_events(tmp_path / "ev.jsonl") if e["tool"] == "lookup"]
     assert kinds.count("loop_blocked") == 1 and kinds.count("offloaded") == 1
+
+
+async def test_a_launched_stdio_server_announces_itself_as_stdio(tmp_path):
+    """The SDK's stdio transport moves fd 0 off the wire while it serves: the announcement must still say stdio
+    (it said http for mcp-server-time, whose modules load uvicorn)."""
+    runtime = tempfile.mkdtemp(prefix="lw", dir="/tmp")
+    os.chmod(runtime, 0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": runtime}
+    params = stdio(wrapped(server_command("--name", "announced")), tmp_path / "watched.err", env=env)
+    listed = {}
+
+    def ask() -> None:
+        from loopwatch import _announce
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not listed:
+            for path in _announce.sockets([Path(runtime) / "loopwatch"]):
+                with _announce.Link(path, timeout=5) as link:
+                    listed.update(link.ask(op="state"))
+            time.sleep(0.05)
+
+    with anyio.fail_after(60):
+        await session_answers(params, "legacy", [("ping", {"n": 1})], during=ask)
+    assert listed["name"] == "announced" and listed["transport"] == "stdio"

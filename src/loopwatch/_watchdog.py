@@ -664,23 +664,30 @@ class _TimerSleeper:
         self._poll = select.poll()
         self._poll.register(self._read, select.POLLIN)
         self._timer_fd = timer.fd
+        self._ready: list[int] = []
         if self._timer_fd is not None:
             self._poll.register(self._timer_fd, select.POLLIN)
 
     def wait(self, timeout: float) -> bool:
+        self._drain()
         if self._timer_fd is not None and self.timer.fd is None:
             self._drop_timer()  # closed: a closed descriptor would make every poll return at once
-        woken = False
-        for fd, _ in self._poll.poll(max(0.0, timeout) * 1000.0):
+        self._ready = [fd for fd, _ in self._poll.poll(max(0.0, timeout) * 1000.0)]
+        return self._read in self._ready
+
+    def _drain(self) -> None:
+        """Consume the wake-ups of the last `wait`, only now, after the look they woke the watchdog for: a read
+        lets the GIL go, and the loop thread, just back from a native call that held it, would run on and beat
+        before the look (the one sample that shows the call's line was then taken too late, and dropped)."""
+        ready, self._ready = self._ready, []
+        for fd in ready:
             if fd == self._read:
-                woken = True
                 try:
                     os.read(self._read, 512)
                 except OSError:
                     pass
             else:
                 self.timer.clear()
-        return woken
 
     def _drop_timer(self) -> None:
         fd, self._timer_fd = self._timer_fd, None

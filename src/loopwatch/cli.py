@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
-from ._options import CLI_OPTIONS
+from ._options import CLI_OPTIONS, _flag
 
 logger = logging.getLogger("loopwatch")
 
@@ -50,15 +50,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
-
-
-def _flag(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not a yes/no value")
 
 
 def _policies(text: str) -> dict[str, str]:

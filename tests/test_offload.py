@@ -366,3 +366,39 @@ async def test_a_call_whose_context_takes_a_freed_calls_address_still_counts_as_
     assert "lookup" in offloader.offloaded  # two calls, two strikes: moved
     [moved] = [e for e in handle.monitor.recent if isinstance(e, loopwatch.OffloadEvent)]
     assert (moved.tool, moved.action, moved.blocks) == ("lookup", "offloaded", 2)
+
+
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
+async def test_a_deprecated_context_method_warns_at_the_tools_line_after_the_move_as_before(anyio_backend):
+    """`ctx.info` is a `@deprecated` wrapper: called through the offload bridge, its warning named loopwatch's
+    _offload.py as the place of the call instead of the tool's own line."""
+    import warnings
+
+    from mcp.server.mcpserver import Context, MCPServer
+
+    def where(policies):
+        server = MCPServer("deprecations")
+
+        @server.tool()
+        async def note(ctx: Context) -> str:
+            await ctx.info("noted")
+            return "ok"
+
+        handle = loopwatch.instrument(server, threshold=0.1, log_blocks=False, traces=False, tool_policies=policies)
+        return server, handle
+
+    async def warnings_of(server):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            async with client_for(server) as client:
+                result = await client.call_tool("note", {})
+        assert result.content[0].text == "ok"
+        return [(w.category, str(w.message), w.filename, w.lineno) for w in seen if "logging" in str(w.message)]
+
+    bare_server, _ = where({})
+    bare = await warnings_of(bare_server)
+    moved_server, handle = where({"note": "always"})
+    moved = await warnings_of(moved_server)
+    assert handle.snapshot()["tools"]["note"]["executes"] == "thread"
+    assert bare and bare[0][2] == __file__  # the tool's own line, then the SDK's own (info calls log)
+    assert moved == bare

@@ -25,6 +25,7 @@ import os
 import tempfile
 import threading
 import time
+import warnings
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -393,12 +394,48 @@ def _bridged(method: Callable[..., Any], server: LoopRef) -> Any:
 
         return call
 
+    deprecation = _deprecation(method)
+    if deprecation is not None:  # the SDK's `@deprecated` wrapper: its warning, said at the tool's line
+        original, (message, category, stacklevel) = deprecation
+
+        @functools.wraps(method)
+        def call_deprecated(*args: Any, **kwargs: Any) -> Any:
+            warnings.warn(message, category=category, stacklevel=stacklevel + 1)
+            return _on_server(original(*args, **kwargs), server)
+
+        return call_deprecated
+
     @functools.wraps(method)
     def call_sync(*args: Any, **kwargs: Any) -> Any:
         result = method(*args, **kwargs)
         return _on_server(result, server) if inspect.isawaitable(result) else result
 
     return call_sync
+
+
+def _deprecation(method: Any) -> tuple[Callable[..., Any], tuple[Any, Any, int]] | None:
+    """For a method under `@deprecated` (typing_extensions, warnings): the coroutine method it wraps, bound, and
+    what its warning says. Called from a wrapper of ours, the SDK's wrapper warned at our line, not the tool's."""
+    function = getattr(method, "__func__", None)
+    code = getattr(function, "__code__", None)
+    if code is None or getattr(function, "__deprecated__", None) is None:
+        return None
+    names, cells = code.co_freevars, function.__closure__ or ()
+    try:
+        bound = {name: cell.cell_contents for name, cell in zip(names, cells, strict=True)}
+    except ValueError:  # an empty cell
+        return None
+    original, message, stacklevel = bound.get("arg"), bound.get("msg"), bound.get("stacklevel")
+    category = bound.get("category")
+    if not (
+        inspect.iscoroutinefunction(original)
+        and isinstance(message, str)
+        and isinstance(stacklevel, int)
+        and isinstance(category, type)
+        and issubclass(category, Warning)
+    ):
+        return None  # not the wrapper we know: called as it is
+    return original.__get__(method.__self__), (message, category, stacklevel)
 
 
 async def _on_server(awaitable: Any, server: LoopRef) -> Any:

@@ -257,9 +257,27 @@ async def test_by_default_a_cpu_blocker_moves_to_a_thread_and_the_decision_says_
     strike(handle, "words", cpu_share=0.2)  # `cpu` by demand, but the loop thread hardly ran: a loaded machine
     assert handle.monitor.where("crunch") == "thread" and handle.monitor.where("words") == "thread"
     [first, advice] = offload_events(handle, "crunch")
+    assert (first.action, advice.action) == ("offloaded", "advised")
     assert (first.executes, advice.executes) == ("thread", "thread")
     assert "--offload-policy crunch=process would cure it" in advice.reason and "[cpu]" in advice.reason
     assert [e.reason for e in offload_events(handle, "words") if "cure" in e.reason] == []
+    handle.uninstrument()
+
+
+async def test_the_advice_to_use_a_process_is_not_a_second_offload_decision_in_the_metrics():
+    """The advice came as a second `offloaded` event: loopwatch_tool_offload_decisions counted one move twice."""
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    server, handle = wrapped(policies=(), metrics_registry=registry)
+    strike(handle, "crunch")
+    [moved, advice] = offload_events(handle, "crunch")
+    decisions = "loopwatch_tool_offload_decisions_total"
+    counted = {a: registry.get_sample_value(decisions, {"gen_ai_tool_name": "crunch", "action": a})
+               for a in ("offloaded", "advised")}
+    assert counted == {"offloaded": 1, "advised": None}
+    assert (moved.action, advice.action) == ("offloaded", "advised") and "would cure it" in advice.reason
+    assert registry.get_sample_value("loopwatch_tool_offloaded", {"gen_ai_tool_name": "crunch"}) == 1
     handle.uninstrument()
 
 

@@ -164,7 +164,8 @@ class OffloadEvent:
 
     time: float
     tool: str
-    action: Literal["offloaded", "restored", "pinned"]
+    action: Literal["offloaded", "restored", "pinned", "advised"]
+    """A decision, or (`advised`) advice about one: a CPU-bound tool on a thread that a process would cure."""
     reason: str
     blocks: int
     event: str = field(default="offloaded", init=False)
@@ -179,7 +180,7 @@ class OffloadEvent:
     def describe(self) -> str:
         pinned = "is pinned to threads" if self.executes == "thread" else "is pinned to the loop"
         where = {"offloaded": f"now runs off the loop (in a {self.executes})", "restored": "runs on the loop again",
-                 "pinned": pinned}[self.action]
+                 "pinned": pinned, "advised": f"runs in a {self.executes}"}[self.action]
         return f"tool {self.tool} {where}: {self.reason} ({self.blocks} blocks so far)"
 
 

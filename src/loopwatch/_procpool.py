@@ -482,7 +482,7 @@ class ProcessOffload:
 
     def on_block(self, event: Any, call: Any) -> None:
         """A `cpu` block (watchdog thread): with --offload-cpu process the tool moves to a process now; otherwise
-        the decision to move it to a thread says that a process would cure it."""
+        an `advised` event says that a process would cure it."""
         off = self.offloader
         if event.kind != "cpu" or call is None or call.method != "tools/call" or call.label != call.tool:
             return
@@ -504,9 +504,9 @@ class ProcessOffload:
             advice = f"--offload-policy {tool}={'process'} would cure it"
         text = f"{tool} is CPU-bound ({took}): on a thread it still takes the GIL from the loop; {advice}"
         logger.warning("loopwatch: %s", text)
-        off.monitor.post(OffloadEvent(time=time.time(), tool=tool, action="offloaded",
-                                      reason=f"{off.offloaded[tool]}; {text}", blocks=off._blocks.get(tool, 0),
-                                      executes="thread"))
+        # Advice, not a decision: the move to a thread was told (and counted) when it was made.
+        off.monitor.post(OffloadEvent(time=time.time(), tool=tool, action="advised", reason=text,
+                                      blocks=off._blocks.get(tool, 0), executes="thread"))
 
     # running a call (server loop)
     async def run(self, tool: str, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

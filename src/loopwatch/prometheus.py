@@ -435,7 +435,7 @@ class OffloadMetrics:
         self._label = label
 
     def __call__(self, event: Event) -> None:
-        if not isinstance(event, OffloadEvent):
+        if not isinstance(event, OffloadEvent) or event.action == "advised":  # advice moves nothing
             return
         tool = self._label(event.tool)
         off_loop = event.action == "offloaded" or (event.action == "pinned" and event.executes == "thread")

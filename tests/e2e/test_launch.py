@@ -147,6 +147,85 @@ def test_a_command_that_is_not_found_is_one_line_and_exit_127():
     assert done.stdout == b""
 
 
+NOTHING = "started no Python MCP server; nothing was watched"
+
+
+def test_a_command_that_starts_no_python_says_so_once_at_its_exit_on_stderr_only():
+    done = run(wrapped(["/bin/true"]))
+    assert done.returncode == 0 and done.stdout == b""
+    assert done.stderr.decode().splitlines() == [f"loopwatch: /bin/true {NOTHING}"]
+
+
+def test_a_script_that_execs_a_non_python_binary_says_so_and_its_stdout_and_exit_code_are_its_own(tmp_path):
+    script = tmp_path / "serve.sh"
+    script.write_text("#!/bin/sh\ncat\nexit 5\n")
+    script.chmod(0o755)
+    done = run(wrapped([str(script)]), stdin=b'{"jsonrpc": "2.0"}\n')
+    assert done.returncode == 5
+    assert done.stdout == b'{"jsonrpc": "2.0"}\n'  # the protocol's bytes, nothing of loopwatch's
+    assert done.stderr.decode().splitlines() == [f"loopwatch: {script} {NOTHING}"]
+
+
+def test_a_python_server_that_starts_late_is_not_nothing():
+    late = "from mcp.server.mcpserver import MCPServer; MCPServer('late')"
+    done = run(wrapped(["sh", "-c", f'sleep 1; exec {PY} -c "{late}"']))
+    err = done.stderr.decode()
+    assert done.returncode == 0, err
+    assert "watches server 'late'" in err and NOTHING not in err and "watched nothing" not in err
+
+
+def launcher_processes(token: str) -> list[int]:
+    """Live processes whose command line carries `token` (zombies are gone already, not counted)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and token.encode() in (entry / "cmdline").read_bytes():
+                if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_the_watcher_of_a_non_python_command_lives_as_long_as_it_and_no_longer():
+    token = f"lw-token-{os.getpid()}-{time.monotonic_ns()}"
+    proc = subprocess.Popen(
+        wrapped(["sh", "-c", 'echo up; read line; echo "$line"', token]),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout.readline() == b"up\n"
+        deadline = time.monotonic() + 30
+        while len(launcher_processes(token)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [watcher] = [pid for pid in launcher_processes(token) if pid != proc.pid]
+    finally:
+        out, err = proc.communicate(b"bye\n", timeout=60)
+    assert out == b"bye\n" and err.decode().splitlines() == [f"loopwatch: sh {NOTHING}"]
+    assert watcher not in launcher_processes(token)  # it said its line and ended: stderr's end came after it
+
+
+def test_the_watcher_of_a_python_command_is_gone_once_the_python_started(tmp_path):
+    """The watcher is a fork of the launcher (its command line): it ends when the command's Python starts,
+    not at the command's end, and the command's process is the only one left carrying the launcher's line."""
+    token = f"lw-token-{os.getpid()}-{time.monotonic_ns()}"
+    code = "import sys; sys.stdout.write('up\\n'); sys.stdout.flush(); sys.stdin.read()"
+    proc = subprocess.Popen(
+        wrapped([PY, "-c", code, token]), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout.readline() == b"up\n"
+        deadline = time.monotonic() + 30
+        while launcher_processes(token) != [proc.pid] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert launcher_processes(token) == [proc.pid]
+    finally:
+        out, err = proc.communicate(b"", timeout=60)
+    assert proc.returncode == 0 and NOTHING not in err.decode()
+
+
 def test_an_unknown_loopwatch_option_before_the_separator_is_usage_and_exit_2():
     done = run([*LOOPWATCH, "run", "--no-such-option", "--", PY, "-c", "print(1)"])
     assert done.returncode == 2 and done.stdout == b""

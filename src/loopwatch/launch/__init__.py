@@ -47,6 +47,7 @@ def hook_env(base: Mapping[str, str], options: Mapping[str, str | None], debug: 
         env["LOOPWATCH_DEBUG"] = "1"
     env.pop("LOOPWATCH_LAUNCH_TOP", None)  # a `loopwatch run` inside a watched command starts a new tree
     env.pop("LOOPWATCH_LAUNCH_OFF", None)
+    env.pop("LOOPWATCH_LAUNCH_UNSEEN", None)  # an outer launch's: this one starts its own watcher (_nothing)
     env["LOOPWATCH_LAUNCH_DIR"] = record_dir()
     return env
 
@@ -91,9 +92,13 @@ def launch(command: Sequence[str], options: Mapping[str, str | None], debug: boo
     _restore_signals()
     sys.stdout.flush()
     sys.stderr.flush()
+    from . import _nothing
+
+    unseen = _nothing.start(command[0], env)  # one line at its exit if COMMAND starts no Python
     try:
         os.execve(executable, list(command), env)
     except OSError as exc:
+        _nothing.forget(unseen)
         print(f"loopwatch: {command[0]}: {exc.strerror or exc}", file=sys.stderr)
         return 126
     return 0  # not reached

@@ -26,6 +26,7 @@ PATCH_POINTS = {
 
 _TOP = "LOOPWATCH_LAUNCH_TOP"
 _RECORD_DIR = "LOOPWATCH_LAUNCH_DIR"
+_UNSEEN = "LOOPWATCH_LAUNCH_UNSEEN"
 
 
 class _PatchingLoader:
@@ -232,6 +233,12 @@ def _install():
     if os.environ.get(_TOP) is None:
         import atexit
 
+        unseen = os.environ.get(_UNSEEN)
+        if unseen:  # tell the launcher's watcher that a Python started (launch/_nothing.py)
+            try:
+                os.unlink(unseen)
+            except OSError:
+                pass
         os.environ[_TOP] = str(os.getpid())
         atexit.register(_at_exit_of_top, os.getpid())
         path = _record_path()

@@ -57,6 +57,9 @@ def test_a_target_that_fails_to_import_names_the_error(tmp_path):
         (["--threshold", "soon"], "not a number"),
         (["--transport", "carrier-pigeon"], "invalid choice"),
         (["--port", "70000"], "0-65535"),
+        (["--offload-workers", "0"], "--offload-workers: must be 1 or more, not 0"),
+        (["--offload-strikes", "two"], "--offload-strikes: 'two' is not an integer"),
+        (["--events-backups", "-1"], "--events-backups: must be 0 or more, not -1"),
     ],
 )
 def test_bad_option_values_are_refused_clearly(args, message):

@@ -169,16 +169,22 @@ def _flag(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"{text!r} is not a yes/no value")
 
 
-def count(text: str) -> int:
+def count(text: str, least: int = 0) -> int:
+    """An integer option's value, `least` or more (argparse's `type`)."""
     import argparse
 
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be {least} or more, not {value}")
     return value
+
+
+def positive_count(text: str) -> int:
+    """A count of at least 1 (workers, strikes, report lines)."""
+    return count(text, least=1)
 
 
 CLI_OPTIONS: list[tuple[str, tuple[str, ...], dict[str, Any]]] = [

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
-from ._options import CLI_OPTIONS, _flag
+from ._options import CLI_OPTIONS, _flag, positive_count
 
 logger = logging.getLogger("loopwatch")
 
@@ -42,16 +42,6 @@ def _port(text: str) -> int:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def _policies(text: str) -> dict[str, str]:
     """`tool=never,other=always`."""
     result: dict[str, str] = {}
@@ -76,16 +66,16 @@ RUN_OPTIONS: list[tuple[str, tuple[str, ...], dict[str, Any]]] = [
     ("offload_state", ("--offload-state",), {"metavar": "FILE", "help": "remember offloaded tools across restarts"}),
     ("tool_policies", ("--offload-policy",), {"type": _policies, "default": {}, "metavar": "TOOL=POLICY,...",
                                               "help": "per tool: never (thread-affine), always, process, auto"}),
-    ("strikes", ("--offload-strikes",), {"type": _positive_int, "default": 1, "help": "blocks before a tool moves"}),
-    ("offload_workers", ("--offload-workers",), {"type": _positive_int, "default": 4,
+    ("strikes", ("--offload-strikes",), {"type": positive_count, "default": 1, "help": "blocks before a tool moves"}),
+    ("offload_workers", ("--offload-workers",), {"type": positive_count, "default": 4,
                                                  "help": "loop threads for offloaded tools"}),
-    ("offload_max_calls", ("--offload-max-calls",), {"type": _positive_int, "default": 64,
+    ("offload_max_calls", ("--offload-max-calls",), {"type": positive_count, "default": 64,
                                                      "help": "offloaded calls in flight at once; more wait"}),
-    ("offload_processes", ("--offload-processes",), {"type": _positive_int, "default": 2,
+    ("offload_processes", ("--offload-processes",), {"type": positive_count, "default": 2,
                                                      "help": "worker processes for tools with policy process"}),
     ("offload_cpu", ("--offload-cpu",), {"choices": ("thread", "process"), "default": "thread",
                                          "help": "where a CPU-bound blocker moves by itself"}),
-    ("offload_process_memory", ("--offload-process-memory",), {"type": _positive_int, "metavar": "MIB",
+    ("offload_process_memory", ("--offload-process-memory",), {"type": positive_count, "metavar": "MIB",
                                                                "help": "address-space limit per worker process"}),
     ("events", ("--events",), {"metavar": "FILE", "help": "append every event as a JSON line"}),
     ("include_arguments", ("--include-arguments",), {**_SWITCH, "help": "tool argument values in block reports"}),
@@ -176,7 +166,7 @@ def _add_viewer_commands(sub: Any) -> None:
     report.add_argument("--server", help="a running server instead: its name or pid (see `loopwatch ls`)")
     report.add_argument("--speedscope", metavar="FILE", help="write the blocked time as a speedscope profile")
     report.add_argument("--folded", metavar="FILE", help="write folded stacks (flamegraph.pl, inferno)")
-    report.add_argument("--lines", type=_positive_int, default=3, help="lines to fix shown per tool (default 3)")
+    report.add_argument("--lines", type=positive_count, default=3, help="lines to fix shown per tool (default 3)")
 
 
 def setup_logging(debug: bool) -> None:

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import random
-import statistics
 import time
 
 import anyio
+from _common import report
 from mcp import Client
 from mcp.server.mcpserver import MCPServer
 
@@ -89,22 +88,6 @@ async def main(rounds: int, calls: int, also: tuple[str, ...] = ()) -> None:
         report("A/A: bare vs the same bare again", table["bare"], table["bare-again"])
         for module_name in also:
             report(f"{module_name} core vs bare", table["bare"], table[module_name])
-
-
-def report(label: str, base: list[float], other: list[float]) -> None:
-    ratios = [o / b for b, o in zip(base, other, strict=True)]
-    q = statistics.quantiles(ratios, n=4)
-    low, high = median_interval(ratios)
-    print(f"{label:<40} per-call ratio median {statistics.median(ratios):.3f}  (95% CI {low:.3f}-{high:.3f};"
-          f" quartiles {q[0]:.3f}-{q[2]:.3f})  {statistics.median(base) * 1e6:.0f} us"
-          f" -> {statistics.median(other) * 1e6:.0f} us")
-
-
-def median_interval(values: list[float], resamples: int = 2000) -> tuple[float, float]:
-    """A 95% bootstrap interval of the median: how sure the median is, given how the rounds scattered."""
-    rng = random.Random(0)
-    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
-    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 if __name__ == "__main__":

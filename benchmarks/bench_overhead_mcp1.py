@@ -11,11 +11,10 @@ ratio with a 95% bootstrap interval, and an A/A line (a second bare server again
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
 import time
 
 import anyio
+from _common import report
 from mcp.server.fastmcp import FastMCP
 from mcp.shared.memory import create_connected_server_and_client_session
 
@@ -61,21 +60,6 @@ async def main(rounds: int, calls: int) -> None:
     report("loopwatch core (traces=False) vs bare", times["bare"], times["core"])
     report("loopwatch defaults vs bare", times["bare"], times["default"])
     report("A/A: bare vs the same bare again", times["bare"], times["bare-again"])
-
-
-def report(label: str, base: list[float], other: list[float]) -> None:
-    ratios = [o / b for b, o in zip(base, other, strict=True)]
-    q = statistics.quantiles(ratios, n=4)
-    low, high = median_interval(ratios)
-    print(f"{label:<40} per-call ratio median {statistics.median(ratios):.3f}  (95% CI {low:.3f}-{high:.3f};"
-          f" quartiles {q[0]:.3f}-{q[2]:.3f})  {statistics.median(base) * 1e6:.0f} us"
-          f" -> {statistics.median(other) * 1e6:.0f} us")
-
-
-def median_interval(values: list[float], resamples: int = 2000) -> tuple[float, float]:
-    rng = random.Random(0)
-    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
-    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 if __name__ == "__main__":

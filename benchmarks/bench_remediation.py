@@ -24,15 +24,11 @@ import time
 from pathlib import Path
 
 import anyio
+from _common import p99
 from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
 HONEST = 8
-
-
-def p99(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
 
 
 async def one_round(client, blocker: bool, progress: list, call=("lookup", {"sku": "X"}), answers=None) -> list[float]:

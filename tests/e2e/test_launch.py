@@ -156,6 +156,14 @@ def test_a_command_that_starts_no_python_says_so_once_at_its_exit_on_stderr_only
     assert done.stderr.decode().splitlines() == [f"loopwatch: /bin/true {NOTHING}"]
 
 
+def test_a_client_that_ignores_sigchld_still_gets_the_command_run_and_the_line():
+    """SIGCHLD ignored is inherited through exec: the launcher's wait for its helper fork then fails (ECHILD)."""
+    ignore = lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # noqa: E731
+    done = subprocess.run(wrapped(["sh", "-c", "exit 3"]), capture_output=True, timeout=60, preexec_fn=ignore)
+    assert done.returncode == 3
+    assert done.stderr.decode().splitlines() == [f"loopwatch: sh {NOTHING}"]
+
+
 def test_a_script_that_execs_a_non_python_binary_says_so_and_its_stdout_and_exit_code_are_its_own(tmp_path):
     script = tmp_path / "serve.sh"
     script.write_text("#!/bin/sh\ncat\nexit 5\n")

@@ -4,7 +4,9 @@ The way in is the one `opentelemetry-instrument` and `ddtrace-run` use: the star
 (`_boot/`, holding only a `sitecustomize.py`) goes first on PYTHONPATH, the options go into the LOOPWATCH_*
 variables the CLI reads, and loopwatch *execs* COMMAND. Exec, not a child: the client's process is the server
 itself (its pid, its signals, its exit status, its stdin/stdout/stderr), nothing sits between the client and
-the protocol bytes, and a client that kills the process it started kills the server, never an orphan.
+the protocol bytes, and a client that kills the process it started kills the server, never an orphan. (A
+watcher process, no child of the command, says on stderr when a command that started no Python exits:
+`_nothing.py`.)
 """
 
 from __future__ import annotations

@@ -49,7 +49,10 @@ def start(name: str, env: dict[str, str]) -> str | None:
         finally:
             os._exit(0)
     os.close(pidfd)
-    os.waitpid(middle, 0)
+    try:
+        os.waitpid(middle, 0)
+    except ChildProcessError:  # SIGCHLD ignored (inherited from the client): reaped by itself
+        pass
     env[UNSEEN] = path
     return path
 

@@ -20,6 +20,7 @@ its span's end is held back (with its original end time) until the watchdog has 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import importlib
 import logging
@@ -27,7 +28,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from typing import Any
 
@@ -88,7 +89,8 @@ class Tracing:
             self.hook: Any = CurrentSpanHook(self.closer)
         else:
             self.inner = RequestSpanMiddleware(tracer, self.closer, self.configured)
-            self.hook = SlotHook()
+            self.hook = SlotHook(self.closer)
+        self._unwrap_spans: Callable[[], None] | None = None
         self.attached = False
         self._attach()
         if not self.attached:
@@ -128,8 +130,19 @@ class Tracing:
         if self.inner is not None and self.inner not in self._chain:
             outer = self._chain.index(self.handle.middleware)
             self._chain.insert(_inner_position(self._chain, outer), self.inner)
+        self._join_framework_spans()
         self.handle.middleware.add_hook(self.hook)
         self._unschedule()
+
+    def _join_framework_spans(self) -> None:
+        """A framework that opens its request span inside loopwatch's seam (fastmcp 3.x on mcp 1.x): enrich
+        that span where it opens, and open none of loopwatch's own for the methods it covers."""
+        opener = getattr(self.handle.adapter, "framework_spans", None)
+        if self.inner is None or opener is None or self._unwrap_spans is not None:
+            return
+        self._unwrap_spans = opener(enter_framework_span)
+        if self._unwrap_spans is not None:
+            self.inner.framework_methods = self.handle.adapter.span_methods
 
     def _unschedule(self) -> None:
         for hooks in (self.monitor.start_hooks, self.monitor.loop_checks):
@@ -142,6 +155,11 @@ class Tracing:
         self.handle.middleware.remove_hook(self.hook)
         if self.inner is not None and self.inner in self._chain:
             self._chain.remove(self.inner)
+        if self._unwrap_spans is not None:
+            self._unwrap_spans()
+            self._unwrap_spans = None
+            if self.inner is not None:
+                self.inner.framework_methods = frozenset()
         for hooks, item in (
             (self.monitor.block_hooks, self.evidence.on_block),
             (self.monitor.blocking_hooks, self.evidence.on_blocking),
@@ -188,12 +206,13 @@ class CurrentSpanHook:
 
 
 class _Slot:
-    """The call being served and the span current when loopwatch's middleware saw it."""
+    """The call being served, the span current when loopwatch's middleware saw it, and what finishes spans."""
 
-    __slots__ = ("call", "outer")
+    __slots__ = ("call", "outer", "closer", "ctx")
 
-    def __init__(self, call: CallRecord, outer: Any) -> None:
-        self.call, self.outer = call, outer
+    def __init__(self, call: CallRecord, outer: Any, closer: SpanCloser) -> None:
+        self.call, self.outer, self.closer = call, outer, closer
+        self.ctx: Any = None
 
 
 _SLOT: ContextVar[_Slot | None] = ContextVar("loopwatch_otel_call", default=None)
@@ -206,11 +225,12 @@ class SlotHook:
     configured (`Tracing._attach`): with no SDK, requests pay nothing for tracing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, closer: SpanCloser) -> None:
+        self.closer = closer
         self._current = trace.get_current_span
 
     def start(self, call: CallRecord) -> None:
-        _SLOT.set(_Slot(call, self._current()))
+        _SLOT.set(_Slot(call, self._current(), self.closer))
 
     def end(self, call: CallRecord, duration: float, error_type: str | None) -> None:
         # `set`, not a token reset: `initialize` runs inline in the read loop's own context.
@@ -229,6 +249,8 @@ class RequestSpanMiddleware:
     def __init__(self, tracer: Any, closer: SpanCloser, configured: Callable[[], bool]) -> None:
         self.tracer, self.closer, self.configured = tracer, closer, configured
         self._current = trace.get_current_span
+        self.framework_methods: frozenset[str] = frozenset()
+        """Methods whose span the framework opens further in (fastmcp 3.x): `enter_framework_span` enriches it."""
 
     async def __call__(self, ctx: Any, call_next: Callable[[Any], Any]) -> Any:
         slot = _SLOT.get()
@@ -244,6 +266,9 @@ class RequestSpanMiddleware:
             finally:
                 self.closer.finish(slot.call, current)
         if not self.configured():
+            return await call_next(ctx)
+        if ctx.method in self.framework_methods and _global_provider_set():
+            slot.ctx = ctx
             return await call_next(ctx)
         return await self._in_own_span(ctx, slot.call, call_next)
 
@@ -272,6 +297,43 @@ class RequestSpanMiddleware:
                 span.set_status(StatusCode.ERROR)
         self.closer.finish(call, span, own=True)
         return result
+
+
+_GLOBAL_SET = False
+
+
+def _global_provider_set() -> bool:
+    """Whether the global tracer provider is a real one (fastmcp records its spans there). Once true, stays."""
+    global _GLOBAL_SET
+    if not _GLOBAL_SET:
+        _GLOBAL_SET = not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+    return _GLOBAL_SET
+
+
+# What the framework's span lacks of a request's semconv attributes (fastmcp 3.x sets the method and names).
+_ADDED_TO_FRAMEWORK_SPANS = ("jsonrpc.request.id", "mcp.protocol.version", "gen_ai.operation.name")
+
+
+@contextlib.contextmanager
+def enter_framework_span(span: Any) -> Iterator[None]:
+    """Inside a request span a framework opened within loopwatch's seam (fastmcp 3.x's `server_span`): the
+    call's span for blame, and finished (loopwatch's attributes; its end held for a late block) as it ends.
+    A span opened inside another one of the same call (a mounted server's) is left as it is."""
+    slot = _SLOT.get()
+    if slot is None or slot.ctx is None or slot.call.span is not None or not span.is_recording():
+        yield
+        return
+    call = slot.call
+    call.span = span
+    try:
+        added = request_attributes(slot.ctx)
+        span.set_attributes({k: added[k] for k in _ADDED_TO_FRAMEWORK_SPANS if k in added})
+    except Exception:
+        logger.exception("loopwatch could not enrich a request span")
+    try:
+        yield
+    finally:
+        slot.closer.finish(call, span)
 
 
 def span_name(call: CallRecord) -> str:

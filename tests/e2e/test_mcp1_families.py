@@ -13,6 +13,7 @@ from pathlib import Path
 import anyio
 import pytest
 from mcp import Client, MCPError, StdioServerParameters
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from venvs import venv_fixture
 
 from helpers import FIXTURES, free_port, read_events
@@ -21,9 +22,9 @@ pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 HERE = FIXTURES / "mcp1"
 MCP1_FASTMCP2 = ["mcp>=1.24,<2", "fastmcp>=2.14,<3", "pytest>=8"]  # pytest: the plugin, in that environment
-MCP1_FASTMCP3 = ["fastmcp>=3,<4"]
+MCP1_FASTMCP3 = ["fastmcp>=3,<4", "pytest>=8"]
 mcp1_fastmcp2 = venv_fixture("mcp1-fastmcp2", MCP1_FASTMCP2, loopwatch="[all]")
-mcp1_fastmcp3 = venv_fixture("mcp1-fastmcp3", MCP1_FASTMCP3)
+mcp1_fastmcp3 = venv_fixture("mcp1-fastmcp3", MCP1_FASTMCP3, loopwatch="[all]")
 
 # family: (environment fixture, server file, the line the synchronous tool blocks on)
 FAMILIES = {
@@ -300,15 +301,26 @@ async def test_over_sse_blocks_are_blamed_on_the_call(mcp1_fastmcp2, server, tmp
 # -- in the server's own process, on mcp 1.x: instrument(), traces, metrics, watch(), testing ------------
 
 
-def test_in_process_features_work_on_mcp_1x(mcp1_fastmcp2):
+@pytest.mark.parametrize(
+    "env_name, families",
+    [("mcp1_fastmcp2", ["fastmcp1", "mcp1-lowlevel", "fastmcp"]), ("mcp1_fastmcp3", ["fastmcp"])],
+    ids=["fastmcp1+lowlevel+fastmcp2", "fastmcp3"],
+)
+def test_in_process_features_work_on_mcp_1x(env_name, families, request):
+    """instrument() (timing, blame, offload and context), metrics, traces, watch(), the testing API, the console
+    and the pytest plugin, on each family in its own environment."""
+    env = request.getfixturevalue(env_name)
     script = FIXTURES / "mcp1" / "inprocess_checks.py"
-    done = subprocess.run([mcp1_fastmcp2.python, str(script)], capture_output=True, text=True, timeout=240,
-                          env=mcp1_fastmcp2.env(), cwd=str(HERE))
+    done = subprocess.run([env.python, str(script), *families], capture_output=True, text=True, timeout=300,
+                          env=env.env(), cwd=str(HERE))
     assert done.returncode == 0, done.stderr[-4000:]
     checks = json.loads(done.stdout.strip().splitlines()[-1])
     failed = {name: detail for name, (ok, detail) in checks.items() if not ok}
     assert not failed, failed
-    assert len(checks) >= 10, checks
+    for family in families:  # every family ran every check (a step that raised is a failed check above)
+        label = {"fastmcp": "fastmcp" + env_name[-1]}.get(family, family)
+        mine = [name for name in checks if name.split(":")[0] == label]
+        assert len(mine) >= (9 if family == "mcp1-lowlevel" else 19), (label, sorted(checks))
 
 
 # -- a published server that pins mcp<2, installed from PyPI together with loopwatch -----------------------
@@ -381,3 +393,55 @@ async def test_on_an_sdk_it_cannot_watch_loopwatch_run_says_so_in_one_line_and_t
     assert len(lines) == 1 and "mcp 1.23.3 found; supported: mcp 1.24" in lines[0], lines
     assert "watching" not in errlog.read_text()
     assert read_events(tmp_path / "events.jsonl") == []  # unwatched: a 300 ms block, and nothing reported
+
+
+# -- traces on fastmcp 3.x through the real OTLP exporter: fastmcp's own span, enriched -------------------
+
+
+def scoped_spans(receiver):
+    """(scope name, span) for every span the receiver got."""
+    return [(scope.scope.name, span) for payload in list(receiver.payloads) for rs in payload.resource_spans
+            for scope in rs.scope_spans for span in scope.spans]
+
+
+async def test_on_fastmcp3_its_own_request_span_carries_the_block_and_no_second_span_is_opened(
+    mcp1_fastmcp3, tmp_path
+):
+    """fastmcp 3 opens a SERVER span per tools/call inside loopwatch's seam: that span is enriched (loopwatch's
+    attributes, the block's event and child span); loopwatch opens its own only for requests fastmcp spans not."""
+    from e2e.test_otlp import Receiver, attributes
+
+    events = tmp_path / "events.jsonl"
+    with Receiver() as receiver:
+        otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}", "OTEL_BSP_SCHEDULE_DELAY": "50"}
+        server = HERE / "fastmcp_server.py"
+        params = StdioServerParameters(
+            command=mcp1_fastmcp3.python, env=mcp1_fastmcp3.env(**otel),
+            args=["-m", "loopwatch", "run", str(server), "--threshold", "0.1", "--offload", "off",
+                  "--events", str(events)],
+        )
+        with anyio.fail_after(90):
+            async with Client(params, mode="legacy") as client:
+                await client.call_tool("ping", {"n": 1})
+                await beside(client, "lookup", {"sku": "O-1"})
+                await client.send_ping()
+                while not [s for n, s in scoped_spans(receiver) if s.name == "tools/call lookup" and s.events] or not [
+                    s for n, s in scoped_spans(receiver) if s.name == "ping"
+                ]:
+                    await anyio.sleep(0.05)
+        spans = scoped_spans(receiver)
+    [block] = [e for e in blocks(events, {"lookup"}) if e["tool"] == "lookup"]
+    [(scope, call)] = [(n, s) for n, s in spans if s.name == "tools/call lookup"]  # one span for the request
+    assert scope == "fastmcp" and call.kind == Span.SpanKind.SPAN_KIND_SERVER
+    found = attributes(call.attributes)
+    assert found["fastmcp.server.name"] == "fastmcp-inventory"  # fastmcp's own attributes, kept
+    assert found["loopwatch.loop_blocked_s"] == block["duration_s"]
+    assert found["jsonrpc.request.id"] == block["request_id"]
+    assert found["loopwatch.execution"] == "loop" and found["network.transport"] == "pipe"
+    [event] = [e for e in call.events if e.name == "loopwatch.loop_blocked"]
+    assert attributes(event.attributes)["code.line.number"] == block["culprit"]["line"]
+    [blocked] = [s for n, s in spans if s.name == "event_loop.blocked"]
+    assert blocked.parent_span_id == call.span_id and blocked.trace_id == call.trace_id
+    pings = [(n, s) for n, s in spans if s.name == "tools/call ping"]
+    assert len(pings) == 9 and {n for n, _ in pings} == {"fastmcp"}
+    assert [n for n, s in spans if s.name == "ping"] == ["loopwatch"]  # fastmcp spans no ping: loopwatch's own

@@ -76,7 +76,79 @@ class OnMcp1(HandlerTable, Tools):
 
 
 class FastMCP3(OnMcp1):
+    """fastmcp 3.x opens a SERVER span of its own (`fastmcp.server.telemetry.server_span`, on the global tracer
+    provider) inside `FastMCP.call_tool`, `read_resource`, `get_prompt` and the lists, after its own middleware:
+    inside loopwatch's seam, so it is not current when loopwatch's middleware runs. Traces enrich that span
+    instead of opening a second one (`framework_spans`)."""
+
     family = "fastmcp3"
+    span_methods = frozenset(
+        {
+            "tools/call",
+            "tools/list",
+            "resources/read",
+            "resources/list",
+            "resources/templates/list",
+            "prompts/get",
+            "prompts/list",
+        }
+    )
+
+    def framework_spans(self, enter: Callable[[Any], Any]) -> Callable[[], None] | None:
+        """Run `enter(span)` (a context manager) inside each span fastmcp 3 opens, until the undo is called.
+        None when this fastmcp has no such opener (loopwatch then opens its own spans)."""
+        return _span_opener.wrap(enter)
+
+
+class _SpanOpener:
+    """`fastmcp.server.server.server_span`, wrapped once per process while any server's traces need it (the
+    module global is looked up at each call: every fastmcp 3 server in the process goes through it)."""
+
+    def __init__(self) -> None:
+        self.users: list[Callable[[Any], Any]] = []
+        self.original: Any = None
+
+    def wrap(self, enter: Callable[[Any], Any]) -> Callable[[], None] | None:
+        try:
+            import fastmcp.server.server as module
+        except ImportError:
+            return None
+        if self.original is None:
+            original = getattr(module, "server_span", None)
+            if original is None or not callable(original):
+                return None
+            self.original = original
+            module.server_span = self._opener(original)
+        self.users.append(enter)
+
+        def undo() -> None:
+            if enter in self.users:
+                self.users.remove(enter)
+            if not self.users and self.original is not None:
+                module.server_span = self.original
+                self.original = None
+
+        return undo
+
+    def _opener(self, original: Any) -> Any:
+        import contextlib
+
+        users = self.users
+
+        @contextlib.contextmanager
+        def server_span(*args: Any, **kwargs: Any) -> Any:
+            with original(*args, **kwargs) as span:
+                if not users:
+                    yield span
+                    return
+                with users[0](span):
+                    yield span
+
+        server_span.__wrapped__ = original  # type: ignore[attr-defined]
+        return server_span
+
+
+_span_opener = _SpanOpener()
 
 
 class FastMCP2(OnMcp1):

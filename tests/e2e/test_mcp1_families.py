@@ -445,3 +445,89 @@ async def test_on_fastmcp3_its_own_request_span_carries_the_block_and_no_second_
     pings = [(n, s) for n, s in spans if s.name == "tools/call ping"]
     assert len(pings) == 9 and {n for n, _ in pings} == {"fastmcp"}
     assert [n for n, s in spans if s.name == "ping"] == ["loopwatch"]  # fastmcp spans no ping: loopwatch's own
+
+
+# -- process offload on mcp 1.x: FastMCP 1 over stdio, under loopwatch run --------------------------------
+
+CPU1 = HERE / "cpu1_server.py"
+CPU1_POLICY = "crunch=process,crunch_text=process,progress=process,crash=process,where=process"
+CPU1_CALLS = [("crunch", {"rounds": 20000}), ("crunch_text", {"rounds": 300}), ("crunch", {"rounds": -2}),
+              ("crash", {"secret": "s3"}), ("crunch", {"rounds": "many"}), ("progress", {"steps": 3}),
+              ("ping", {"n": 4})]
+
+
+async def cpu1_answers(params, calls=CPU1_CALLS, first=None):
+    """What a client sees of `calls` (answers, progress, log messages) and the pid `where` answers from.
+    `first(client)` runs before them (on the wrapped server: until a tool has moved)."""
+    out, progress, logs = [], [], []
+
+    async def on_progress(value, total, message):
+        progress.append((value, total, message))
+
+    async def on_log(params):
+        logs.append(params.data)
+
+    with anyio.fail_after(120):
+        async with Client(params, mode="legacy", logging_callback=on_log) as client:
+            if first is not None:
+                await first(client)
+            for name, args in calls:
+                result = await client.call_tool(name, args, progress_callback=on_progress)
+                out.append(result.model_dump(exclude={"meta"}))
+            worker = (await client.call_tool("where", {})).structured_content["result"]
+    return out, progress, logs, worker
+
+
+def cpu1_watched(env, events, *args):
+    return StdioServerParameters(command=env.python, env=env.env(), cwd=str(HERE), args=[
+        "-m", "loopwatch", "run", str(CPU1), "--offload-processes", "1", "--events", str(events), *args])
+
+
+async def test_fastmcp1_tools_run_in_worker_processes_with_answers_errors_and_progress_as_bare(mcp1_fastmcp2, tmp_path):
+    """`--offload-policy T=process` on FastMCP 1: a plain `def` tool and an `async def` one reporting progress."""
+    events = tmp_path / "events.jsonl"
+    bare = await cpu1_answers(StdioServerParameters(command=mcp1_fastmcp2.python, args=[str(CPU1)],
+                                                    env=mcp1_fastmcp2.env(), cwd=str(HERE)))
+    moved = await cpu1_answers(cpu1_watched(mcp1_fastmcp2, events, "--offload-policy", CPU1_POLICY))
+    assert moved[:3] == bare[:3]  # answers, errors, progress and log messages
+    assert bare[1] == [(1.0, 3.0, "step 1"), (2.0, 3.0, "step 2"), (3.0, 3.0, "step 3")]
+    assert "starting 3 steps" in bare[2]
+    assert sum(1 for r in bare[0] if r["is_error"]) == 3  # a ToolError, a crash, a bad argument
+    assert moved[3] != bare[3]  # `where` answered from a worker process, not the server's
+    decisions = {e["tool"]: e["executes"] for e in read_events(events) if e["event"] == "offloaded"}
+    assert decisions == dict.fromkeys(CPU1_POLICY.replace("=process", "").split(","), "process")
+    assert not [e for e in read_events(events) if e["event"] == "pinned"]
+
+
+async def test_fastmcp1_def_tool_caught_computing_moves_to_a_process_with_offload_cpu_process(mcp1_fastmcp2, tmp_path):
+    """`--offload-cpu process`: the plain `def` tool caught blocking the loop moves to a thread at once (the
+    block is not classified yet), then to a process once a block of it is classified `cpu`; its answers after
+    that are the bare server's."""
+    events = tmp_path / "events.jsonl"
+
+    def moved_to_process():
+        return [e for e in read_events(events) if e["event"] == "offloaded" and e["tool"] == "crunch"
+                and e["executes"] == "process"]
+
+    heavy = []
+
+    async def until_moved(client):
+        for _ in range(8):  # a block on a loaded machine may be too little CPU to count: a few more tries
+            heavy.append(await client.call_tool("crunch", {"rounds": 4_000_000}))
+            await anyio.sleep(0.3)  # its block is reported once the loop runs again
+            if moved_to_process():
+                return
+
+    async def as_many(client):  # the bare server gets the same calls (request ids are in the answers)
+        for _ in heavy:
+            await client.call_tool("crunch", {"rounds": 4_000_000})
+
+    moved = await cpu1_answers(cpu1_watched(mcp1_fastmcp2, events, "--threshold", "0.1", "--offload-cpu", "process"),
+                               first=until_moved)
+    bare = await cpu1_answers(StdioServerParameters(command=mcp1_fastmcp2.python, args=[str(CPU1)],
+                                                    env=mcp1_fastmcp2.env(), cwd=str(HERE)), first=as_many)
+    assert moved[:3] == bare[:3]
+    [decision] = moved_to_process()
+    assert "[cpu]" in decision["reason"] and "--offload-cpu process" in decision["reason"]
+    found = [e for e in read_events(events) if e["event"] == "loop_blocked" and e["tool"] == "crunch"]
+    assert found[0]["kind"] in ("cpu", "gil") and found[0]["frames"][-1]["file"] == str(CPU1), found[0]

@@ -1,5 +1,6 @@
 """Every watched server announces itself on a private Unix socket that answers while its loop is blocked."""
 
+import logging
 import os
 import shutil
 import socket
@@ -184,6 +185,33 @@ async def test_the_announcement_thread_sleeps_while_nobody_asks(runtime):
         first = switches()
         await anyio.sleep(1.5)
         assert switches() == first
+
+
+def test_a_server_that_stops_before_its_announcement_is_up_says_nothing_and_leaves_nothing(
+    runtime, monkeypatch, caplog
+):
+    """A session shorter than the socket's set-up (a slow filesystem, a short test) is no failure: no warning."""
+    runtime.mkdir(mode=0o700, parents=True)
+    handle = loopwatch.instrument(make_server("brief"), log_blocks=False, announce=False)
+    announcement = _announce.Announcement(handle, runtime, _announce.BlockLog())
+    real_chmod = os.chmod
+
+    def slow_chmod(path, mode, *args, **kwargs):  # the set-up is still going when the server stops
+        if threading.current_thread().name == "loopwatch-announce":
+            deadline = time.monotonic() + 10
+            while not announcement._closing and time.monotonic() < deadline:
+                time.sleep(0.005)
+        return real_chmod(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "chmod", slow_chmod)
+    with caplog.at_level(logging.DEBUG, logger="loopwatch"):
+        announcement.start()
+        assert not announcement.started.is_set()  # still setting up (held in chmod until the stop below)
+        announcement.stop()
+    assert announcement._closing and not announcement._thread.is_alive()
+    assert [r.getMessage() for r in caplog.records if r.name == "loopwatch" and r.levelno >= logging.WARNING] == []
+    assert any("stopped before its announcement" in r.getMessage() for r in caplog.records)
+    assert list(runtime.iterdir()) == []  # neither the socket nor its temporary name is left behind
 
 
 def test_a_socket_nobody_listens_on_is_removed_by_a_reader(runtime):

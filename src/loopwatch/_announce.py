@@ -10,13 +10,15 @@ process that died (SIGKILL leaves it behind): readers remove it.
 
 Idle cost: none. The thread sleeps in `select` on the socket and a wake-up pipe with no timeout (no periodic
 wake-ups); the loop only starts and stops it. While a reader asks, each answer takes the GIL for a moment.
+Per-call cost: none. The socket is put up while the loop waits for it, once as the loop starts (tens of
+microseconds; at most START_WAIT): a thread that took the GIL back after each of its set-up's system calls
+from a loop busy serving calls would have made every call pay for as long as it waited (see START_WAIT).
 Off with `announce=False`, `loopwatch run --no-announce`, or LOOPWATCH_NO_ANNOUNCE=1.
 """
 
 from __future__ import annotations
 
 import atexit
-import errno
 import itertools
 import json
 import logging
@@ -48,6 +50,15 @@ WINDOW = 60.0
 ENV_OFF = "LOOPWATCH_NO_ANNOUNCE"
 MAX_DIR_BYTES = 80
 """Longest directory a socket is put in: sun_path holds 107 bytes, and `/<pid>.<n>.sock` needs up to 27."""
+START_WAIT = 0.05
+"""Seconds the loop waits, once as it starts, for its socket to listen (never more than half the block threshold).
+
+The set-up is a handful of system calls, each of which gives the GIL up. On a thread of its own while the loop
+runs on, each time it wants the GIL back it waits on a loop that drops and retakes it on every turn (each
+select of the loop's), and every one of those drops wakes it to no avail: the calls served meanwhile paid
+13-20% (bench_overhead.py's short sessions, whose announcement was often not up when the session ended). While
+the loop waits here, the thread has the GIL to itself: microseconds. A slow filesystem costs the loop at most
+this; the thread then goes on alone."""
 
 _counter = itertools.count(1)
 
@@ -203,6 +214,7 @@ class Announcement:
         self.monitor.add_listener(self._fan_out)
         _live.add(self)
         self._thread.start()
+        self.started.wait(min(START_WAIT, self.monitor.options.threshold / 2))  # see START_WAIT
 
     def stop(self) -> None:
         with self._lock:
@@ -236,6 +248,9 @@ class Announcement:
     def _run(self) -> None:
         try:
             listener = self._listen()
+        except _StoppedFirst:  # a server that ran for less than its set-up took: nothing went wrong
+            logger.debug("loopwatch: the server stopped before its announcement at %s was up", self.path)
+            return
         except OSError as exc:
             logger.warning("loopwatch: cannot announce this server at %s: %s", self.path, exc)
             return
@@ -257,7 +272,7 @@ class Announcement:
             listener.listen(8)
             with self._lock:
                 if self._closing:
-                    raise OSError(errno.ECANCELED, "the server stopped first")
+                    raise _StoppedFirst
                 os.rename(temporary, self.path)
         except BaseException:
             listener.close()
@@ -391,6 +406,10 @@ class Announcement:
         window = max(min(WINDOW, now - (self.monitor.started_at or now)), 1e-9)
         return {"blocks": count, "blocked_s": round(seconds, 4), "window_s": round(window, 3),
                 "share": round(min(1.0, seconds / window), 4)}
+
+
+class _StoppedFirst(Exception):
+    """The server stopped before its announcement was up."""
 
 
 def _lag_now(monitor: Any) -> float | None:

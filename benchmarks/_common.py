@@ -8,15 +8,19 @@ import random
 import statistics
 
 
-def report(label: str, base: list[float], other: list[float]) -> None:
-    """One line: the median of the per-round ratios other/base, its 95% interval, quartiles and medians."""
+def report(label: str, base: list[float], other: list[float], added: bool = False) -> None:
+    """One line: the median of the per-round ratios other/base, its 95% interval, quartiles and medians; with
+    `added` (times that are not per call, a start), also the median of what other adds to base, per round."""
     ratios = [o / b for b, o in zip(base, other, strict=True)]
     q = statistics.quantiles(ratios, n=4)
     low, high = median_interval(ratios)
+    extra = ""
+    if added:
+        extra = f"; adds {statistics.median([o - b for b, o in zip(base, other, strict=True)]) * 1e6:+.0f} us"
     print(
-        f"{label:<40} per-call ratio median {statistics.median(ratios):.3f}  (95% CI {low:.3f}-{high:.3f};"
-        f" quartiles {q[0]:.3f}-{q[2]:.3f})  {statistics.median(base) * 1e6:.0f} us"
-        f" -> {statistics.median(other) * 1e6:.0f} us"
+        f"{label:<40} {'ratio' if added else 'per-call ratio'} median {statistics.median(ratios):.3f}"
+        f"  (95% CI {low:.3f}-{high:.3f}; quartiles {q[0]:.3f}-{q[2]:.3f})  {statistics.median(base) * 1e6:.0f} us"
+        f" -> {statistics.median(other) * 1e6:.0f} us{extra}"
     )
 
 

@@ -42,5 +42,5 @@ def _announce_off_by_env() -> bool:
 
 def install_extensions(handle: Any) -> None:
     for name in wanted(handle):
-        module = importlib.import_module(f"loopwatch.{name}")
+        module = importlib.import_module(f".{name}", __package__)  # a copy under another name uses its own
         handle.extensions.append(module.install(handle))

@@ -192,6 +192,24 @@ async def test_two_watches_of_one_idle_loop_both_catch_a_block_and_leave_its_sel
     assert "select" not in vars(selector)
 
 
+@needs_timer
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
+async def test_a_watched_asyncio_loop_has_no_timer_of_the_watch_in_its_scheduled_heap(anyio_backend):
+    """Each timer the server pushes onto asyncio's heap (the SDK starts one per request) is compared, in Python,
+    with those already there, and each loop iteration looks at the heap's head: the watch leaves it as it was
+    (a sentinel parked in `sleep(inf)` left a timer there for as long as it watched)."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    before = set(loop._scheduled)  # type: ignore[attr-defined]
+    async with loopwatch.watch(threshold=0.1, log_blocks=False) as monitor:
+        with anyio.fail_after(10):
+            while monitor.heartbeat.beat[0] < 3:  # the sentinel is up and has beaten
+                await anyio.sleep(0.01)
+        added = [h for h in loop._scheduled if h not in before and not h.cancelled()]  # type: ignore[attr-defined]
+    assert added == []
+
+
 def test_the_once_a_second_check_runs_at_the_first_wake_up_after_a_long_idle():
     clocks = Clocks()
     hb = Heartbeat(0.01, 0.1, clock=lambda: clocks.now)

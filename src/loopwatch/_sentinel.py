@@ -244,11 +244,19 @@ async def _beat_by_timerfd(beats: _Beats, loop, timer) -> None:
         await _beat_by_callback(beats, loop)
         return
     try:
-        await anyio.sleep_forever()
+        await _park()
     finally:
         loop.remove_reader(fd)
         if waker is not None:
             waker.disarm()
+
+
+async def _park() -> None:
+    """Wait until cancelled, leaving asyncio's scheduled heap empty. `anyio.sleep_forever()` is `sleep(inf)`: a
+    timer in that heap for good, which every other timer pushed (the SDK starts one per request) is compared
+    with, in Python (`TimerHandle.__lt__`), and which every loop iteration looks at; an event nobody sets is
+    just a future."""
+    await anyio.Event().wait()
 
 
 async def _beat_by_callback(beats: _Beats, loop) -> None:
@@ -266,7 +274,7 @@ async def _beat_by_callback(beats: _Beats, loop) -> None:
 
     handle = loop.call_later(interval, tick)
     try:
-        await anyio.sleep_forever()
+        await _park()
     finally:
         handle.cancel()
 

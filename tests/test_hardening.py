@@ -550,3 +550,64 @@ async def test_uninstrument_on_a_running_server_stops_watching_at_once(anyio_bac
             assert (await client.call_tool("ping", {"n": 4})).structured_content == {"result": 4}
     assert events.read_text().count('"tool":"lookup"') == 1
     assert caplog.text.count("loop blocked") == 1
+
+
+# -- 16. SIGINT in the middle of a call: the server's lifespan ends as the bare one does ---------------------
+
+
+async def iterations_to_leave(lifespan) -> int:
+    """Cancel a task inside `lifespan` as Ctrl-C cancels a server's main task: how many loop iterations its exit
+    takes. Each one lets the SDK's stdio writer flush the `Connection closed` answer it was just handed for the
+    call in flight before the transport is cancelled (the bare server: none, so it never writes it)."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    ticks, marks, entered = [0], [], asyncio.Event()
+
+    def tick():
+        ticks[0] += 1
+        ticking[0] = loop.call_soon(tick)
+
+    async def serve():
+        try:
+            async with lifespan:
+                entered.set()
+                try:
+                    await asyncio.sleep(3600)
+                finally:
+                    marks.append(ticks[0])
+        finally:
+            marks.append(ticks[0])
+
+    task = loop.create_task(serve())
+    with anyio.fail_after(30):
+        await entered.wait()
+    ticking = [loop.call_soon(tick)]
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError), anyio.fail_after(30):
+        await task
+    ticking[0].cancel()
+    assert len(marks) == 2, marks
+    return marks[1] - marks[0]
+
+
+@pytest.mark.parametrize("kind", ["lowlevel", "mcpserver", "fastmcp"])
+@pytest.mark.parametrize("offload", ["auto", "off"])
+async def test_a_watched_lifespan_cancelled_as_by_ctrl_c_leaves_in_as_many_loop_iterations_as_the_bare_one(
+    kind, offload, anyio_backend
+):
+    server = {"lowlevel": lambda: fresh("low_server", "server"), "mcpserver": lambda: fresh("sleepy_server", "mcp"),
+              "fastmcp": lambda: fresh("fm_server", "app")}[kind]()
+    from loopwatch.mcp import lowlevel_server
+
+    lowlevel = lowlevel_server(server)
+    bare = await iterations_to_leave(lowlevel.lifespan(lowlevel))
+    handle = loopwatch.instrument(server, log_blocks=False, traces=False, offload=offload)
+    try:
+        watched = await iterations_to_leave(lowlevel.lifespan(lowlevel))
+        with anyio.fail_after(30):  # the watch ends beside the unwinding, on its own
+            while handle.monitor.active:
+                await anyio.sleep(0.01)
+    finally:
+        handle.uninstrument()
+    assert watched == bare

@@ -135,6 +135,87 @@ class Monitor:
                 with self._lock:
                     self._refs -= 1
             return
+        if current_backend() == "asyncio":
+            async with self._watching_beside():
+                yield self
+            return
+        try:
+            async with self._watching():
+                yield self
+        finally:
+            with self._lock:
+                self._refs -= 1
+
+    @asynccontextmanager
+    async def _watching_beside(self) -> AsyncIterator[None]:
+        """asyncio: the watch (its task group: the sentinel, the services' tasks) runs in a task of its own
+        beside the watched block, so a block that ends by cancellation leaves without waiting for it.
+
+        A server's lifespan is such a block. Ctrl-C cancels the server's main task; the SDK hands its stdio
+        transport a `Connection closed` answer for the call in flight as its task group unwinds, and the
+        transport is cancelled a few loop iterations later: the answer reaches stdout only if the transport's
+        writer (a worker thread) flushes it in between. The watch's task group, exited here, added two
+        iterations (the answer was written in about 1 run in 10, by the bare server in about 1 in 50). So on
+        cancellation this exit takes none: the watch is told to end and ends beside the server's unwinding
+        (the entry's count is released when it has ended; an entry meanwhile shares the ending watch). Any
+        other exit waits for the watch to end, as before. A watch task that fails cancels the block and its
+        error is raised here, as when the task group held the block; after a cancelled block, it is logged.
+        """
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[None] = loop.create_future()
+        stop = asyncio.Event()
+        failed: list[BaseException] = []
+        left: list[bool] = []  # the block ended by cancellation: nobody waits for the watch's end
+        body = anyio.CancelScope()
+
+        async def watch() -> None:
+            try:
+                async with self._watching():
+                    if not started.done():
+                        started.set_result(None)
+                    await stop.wait()
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                if not started.done():
+                    started.set_exception(exc)
+                elif left:
+                    logger.error("loopwatch: the watch failed as it ended", exc_info=exc)
+                else:
+                    failed.append(exc)
+                    body.cancel()
+            finally:
+                release()
+
+        def release() -> None:  # once: as the task ends (before a waiting exit resumes), or if cancelled unstarted
+            if not released:
+                released.append(True)
+                with self._lock:
+                    self._refs -= 1
+
+        released: list[bool] = []
+        task = loop.create_task(watch(), name="loopwatch watch")
+        task.add_done_callback(lambda _: release())
+        try:
+            await started
+        except BaseException:
+            task.cancel()
+            raise
+        try:
+            with body:
+                yield
+        except asyncio.CancelledError:
+            left.append(True)
+            raise
+        finally:
+            stop.set()
+            if not left:
+                await asyncio.shield(task)
+        if failed:
+            raise failed[0]
+
+    @asynccontextmanager
+    async def _watching(self) -> AsyncIterator[None]:
         raised: list[BaseException] = []
         try:
             async with _original_errors(raised), anyio.create_task_group() as tg, AsyncExitStack() as services:
@@ -146,7 +227,7 @@ class Monitor:
                         await services.enter_async_context(service())
                     self._run_hooks(self.start_hooks, "start")
                     try:
-                        yield self
+                        yield
                     except BaseException as exc:
                         raised.append(exc)
                         raise
@@ -156,8 +237,6 @@ class Monitor:
                     self.task_group = None
         finally:
             self._stop()
-            with self._lock:
-                self._refs -= 1
 
     async def _run_sentinel(self, heartbeat: Heartbeat, *, task_status: Any) -> None:
         """The sentinel, in a cancel scope of its own: `stop_watching()` ends it without touching the server."""

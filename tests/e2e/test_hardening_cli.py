@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -61,7 +62,7 @@ def test_a_metrics_path_under_stdio_is_said_to_be_ignored():
 def interrupted(command):
     """Start a call that takes seconds, send SIGINT in the middle of it: (how it ended, stdout after the call)."""
     proc = subprocess.Popen(command, cwd=str(FIXTURES), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, preexec_fn=default_sigint)
     try:
         def send(message):
             proc.stdin.write(json.dumps(message).encode() + b"\n")
@@ -90,6 +91,65 @@ def test_sigint_in_the_middle_of_a_call_ends_loopwatch_run_by_the_signal_as_it_e
     for stdout in (out, bare_out):  # at most the SDK's shutdown answer to the call in flight, as whole lines
         assert all(json.loads(line) == {"jsonrpc": "2.0", "id": 2, "error": {
             "code": -32000, "message": "Connection closed"}} for line in stdout.splitlines()), stdout
+
+
+def probed(command):
+    """SIGINT in the middle of a call to tests/fixtures/sigint_probe.py: (exit status, stdout, the loop iterations
+    from the SDK handing the transport its answer to the call to the transport's exit)."""
+    proc = subprocess.Popen(command, cwd=str(FIXTURES), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, preexec_fn=default_sigint)
+    count, err, napping = [], [], threading.Event()
+
+    def read_stderr():
+        for line in proc.stderr:
+            err.append(line)
+            if line.startswith(b"probe: napping"):
+                napping.set()
+            elif line.startswith(b"probe: "):
+                count.append(int(line.split()[1]))
+                proc.stdin.close()  # a client that goes away; only now, so its EOF cannot change the count
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    try:
+        proc.stdin.write(json.dumps(INITIALIZE).encode() + b"\n")
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline())["id"] == 1
+        reader.start()
+        proc.stdin.write(b"".join(json.dumps(m).encode() + b"\n" for m in (
+            {"jsonrpc": "2.0", "method": "notifications/initialized"},
+            {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "nap", "arguments": {}}})))
+        proc.stdin.flush()
+        assert napping.wait(60), b"".join(err).decode(errors="replace")  # the call is in flight: it naps a minute
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(60)
+        out = proc.stdout.read()
+        reader.join(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert len(count) == 1, b"".join(err).decode(errors="replace")
+    return code, out, count[0]
+
+
+def default_sigint():  # a test run in the background inherits SIGINT ignored: the servers must see it as a user does
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("kind", ["lowlevel", "mcpserver", "fastmcp"])
+def test_sigint_in_the_middle_of_a_call_leaves_the_sdk_no_more_chances_to_write_its_answer_than_bare(kind):
+    """The bare server writes nothing when Ctrl-C comes in the middle of a call: the SDK hands the transport a
+    `Connection closed` answer, and cancels the transport before its writer (a worker thread) gets to flush it.
+    Under `loopwatch run` that answer was written in 3 runs of 22: the watch's task group, in the server's
+    lifespan, took two loop iterations more on the way out. The count is deterministic (a few runs each, the
+    least of each: a thread's wake-up rarely lands inside the count); the wrapped one must not exceed bare's."""
+    probe = [sys.executable, "sigint_probe.py", kind]
+    bare = [probed(probe) for _ in range(2)]
+    wrapped = [probed([*LOOPWATCH, "--no-announce", "--", *probe]) for _ in range(4)]
+    assert {code for code, _, _ in bare + wrapped} == {-signal.SIGINT}
+    assert min(n for _, _, n in wrapped) <= min(n for _, _, n in bare), (bare, wrapped)
+    for _, out, _ in bare + wrapped:  # at most the SDK's shutdown answer to the call in flight, a whole line
+        assert all(json.loads(line)["id"] == 2 for line in out.splitlines()), out
 
 
 # -- 11: the low-level Server over SSE ---------------------------------------------------------------------

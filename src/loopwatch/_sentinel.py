@@ -280,6 +280,31 @@ async def _beat_by_callback(beats: _Beats, loop) -> None:
 
 
 async def _beat_on_trio(beats: _Beats) -> None:
+    """Trio: a beat is this task woken by a timerfd it waits on (Linux), re-armed after each beat: unlike a
+    sleep, nothing in trio's deadline heap, which a busy run loop otherwise looks at in every batch (about 2%
+    of a `trio.sleep(0)` loop, measured by ablation). Without a timerfd, a sleep."""
+    import trio
+
+    from ._timer import stall_timer
+
+    timer = stall_timer(beats.interval)
+    if timer is None or timer.fd is None:
+        await _beat_by_sleep_on_trio(beats)
+        return
+    fd, arm, beat = timer.fd, timer.arm, beats.beat
+    try:
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            if beat() and beats.pause is not None and not trio.lowlevel.current_statistics().tasks_runnable:
+                timer.disarm()
+                await _sleep_on_trio(beats)
+            arm()  # the next beat; the expiry that woke this one is dropped (setting a timerfd resets its count)
+    finally:
+        trio.lowlevel.notify_closing(fd)
+        timer.close()
+
+
+async def _beat_by_sleep_on_trio(beats: _Beats) -> None:
     import trio
 
     interval, beat = beats.interval, beats.beat

@@ -5,12 +5,15 @@
 Two hot loops, on asyncio, uvloop and trio: 500,000 `sleep(0)` in one task, and 100,000 ping-pongs between
 two tasks over a pair of queues (asyncio.Queue; trio memory channels). Each run is a fresh event loop
 (`asyncio.run`, `uvloop.run`, `trio.run`); within a round the configurations run in a rotated order: bare,
-loopwatch (`watch()` with its defaults, log lines off), pyleak's `no_event_loop_blocking()` (its defaults;
-`pip install pyleak`, optional: skipped when missing) and bare again (the A/A line). Prints, per backend and
-loop, the median of the per-round ratios against bare with their quartiles, for the process's CPU time (the
-loop and any watching thread: robust to a machine that others share) and for wall time. Many short rounds
-(the default: a fifth of the counts, 20 rounds) interleave better than a few long ones on a shared machine;
-`--scale 1` runs the full counts. Ratios closer together than the A/A spread are noise.
+loopwatch (`watch()` with its defaults, log lines off), any `--also` copies, pyleak's
+`no_event_loop_blocking()` (its defaults; `pip install pyleak`, optional: skipped when missing), bare with one
+idle thread (the floor of any watcher with a thread of its own: see `idle_thread`) and bare again (the A/A
+line). Prints, per backend and loop, the median of the per-round ratios against bare with their quartiles,
+for the process's CPU time (the loop and any watching thread: robust to a machine that others share) and for
+wall time. Many short rounds (the default: a fifth of the counts, 20 rounds) interleave better than a few
+long ones on a shared machine; `--scale 1` runs the full counts. Ratios closer together than the A/A spread
+are noise. To compare with another version: `cp -r OLD/src/loopwatch /tmp/old/loopwatch_old` (its imports
+are relative), then `PYTHONPATH=/tmp/old python benchmarks/bench_hot_loop.py --also loopwatch_old`.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import contextlib
 import importlib
 import logging
 import statistics
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import loopwatch
 
@@ -92,6 +96,22 @@ def watched():
     return loopwatch.watch(log_blocks=False)
 
 
+@contextlib.asynccontextmanager
+async def idle_thread() -> AsyncIterator[None]:
+    """Bare, with one more thread parked on a lock for the run: the floor of any watcher that has a thread. While
+    a process's threads share one descriptor table, Linux takes and drops a reference to the file at every
+    system call on a descriptor (one thread alone borrows it), and a hot loop makes one (its poll) an iteration."""
+    parked = threading.Lock()
+    parked.acquire()
+    thread = threading.Thread(target=parked.acquire, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        parked.release()
+        thread.join()
+
+
 def pyleak_watched():
     from pyleak import no_event_loop_blocking
 
@@ -143,6 +163,7 @@ def configurations(also: list[str]) -> dict[str, Callable[[], object]]:
         configs["pyleak"] = pyleak_watched
     except ImportError:
         print("pyleak is not installed (pip install pyleak): its line is skipped")
+    configs["idle-thread"] = idle_thread
     configs["bare-again"] = bare
     return configs
 

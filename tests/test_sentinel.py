@@ -6,6 +6,7 @@ import threading
 import time
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import loopwatch
@@ -225,3 +226,24 @@ def test_the_once_a_second_check_runs_at_the_first_wake_up_after_a_long_idle():
     clocks.advance(0.01)
     beats.beat()
     assert len(checks) == 1  # then once a second again
+
+
+@needs_timer
+@pytest.mark.parametrize("anyio_backend", [("trio", {})], ids=["trio"])
+async def test_a_busy_watched_trio_loop_has_no_deadline_of_the_watch(anyio_backend):
+    """Trio's run loop looks at its deadline heap in every batch (about 2% of a hot `sleep(0)` loop): the
+    sentinel beats by a timerfd it waits on, not by sleeping, so the watch adds no deadline."""
+    import trio
+
+    def next_deadline() -> float:
+        return trio.lowlevel.current_statistics().seconds_to_next_deadline
+
+    assert next_deadline() == math.inf  # nothing timed in the test's own loop
+    async with loopwatch.watch(threshold=0.1, log_blocks=False) as monitor:
+        target = monitor.heartbeat.beat[0] + 3
+        for _ in range(2_000_000):  # a busy loop, beating (no timeout here: that would be a deadline)
+            if monitor.heartbeat.beat[0] >= target:
+                break
+            await anyio.lowlevel.checkpoint()
+        assert monitor.heartbeat.beat[0] >= target
+        assert next_deadline() == math.inf

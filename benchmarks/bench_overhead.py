@@ -15,6 +15,12 @@ watchdog thread, announcement socket) happens as the client opens, before them, 
 what it adds in microseconds. What a started thread still costs while calls run (a sentinel beat, a
 watchdog look, a thread waiting for the GIL) lands in the per-call figure. Every round is a fresh session,
 so a cost that lasts for a while after each start is paid in every round here; a real server pays it once.
+"bare with a parked thread" is the bare server with one thread beside it that does nothing: on Linux a
+process with a second thread pays for it in every system call that takes a descriptor (the descriptor table
+is shared, so the kernel counts references it skips in a single-threaded process; the loop polls once per
+iteration), a floor that any watcher with a thread of its own (loopwatch's watchdog, pyleak's) stands on. A
+real stdio server already has such a thread (the SDK reads stdin on a worker thread), so there the floor is
+the bare server's too. "loopwatch core vs bare + parked thread" is what loopwatch costs above it.
 "announce on vs off" compares the defaults with and without the announcement socket that `loopwatch top`
 reads. `--also MODULE` times another copy of loopwatch (an older release copied under another name, on
 PYTHONPATH; its core configuration, announcement on) in the same run.
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import threading
 import time
 
 import anyio
@@ -45,11 +52,29 @@ def make_server(name: str) -> MCPServer:
 
 
 async def timed_round(
-    server: MCPServer, calls: int, cpu: list[float] | None = None, opened: list[float] | None = None
+    server: MCPServer,
+    calls: int,
+    cpu: list[float] | None = None,
+    opened: list[float] | None = None,
+    parked_thread: bool = False,
 ) -> float:
     """Seconds per call; with `cpu`, the process's CPU seconds per call are appended to it (client, server
     and watchdog thread alike: less sensitive than wall time to a machine that others share); with `opened`,
-    the seconds the session took to open (the server's start), which the per-call figure leaves out."""
+    the seconds the session took to open (the server's start), which the per-call figure leaves out; with
+    `parked_thread`, a thread that does nothing (parked on an event) lives through the round."""
+    parked = threading.Event()
+    thread = threading.Thread(target=parked.wait, daemon=True) if parked_thread else None
+    if thread is not None:
+        thread.start()
+    try:
+        return await _round(server, calls, cpu, opened)
+    finally:
+        parked.set()
+        if thread is not None:
+            thread.join()
+
+
+async def _round(server: MCPServer, calls: int, cpu: list[float] | None, opened: list[float] | None) -> float:
     began = time.perf_counter()
     async with Client(server) as client:
         if opened is not None:
@@ -75,7 +100,16 @@ async def main(rounds: int, calls: int, also: tuple[str, ...] = ()) -> None:
     loopwatch.instrument(quiet, announce=False)  # the same defaults without the announcement socket
     no_mw = make_server("no-middleware")
     no_mw.middleware.clear()  # the SDK's OpenTelemetryMiddleware removed, for scale
-    servers = {"bare": bare, "core": core, "default": default, "quiet": quiet, "none": no_mw, "bare-again": bare_again}
+    parked = make_server("parked-thread")  # bare, with a thread that does nothing beside it: see the docstring
+    servers = {
+        "bare": bare,
+        "core": core,
+        "default": default,
+        "quiet": quiet,
+        "none": no_mw,
+        "bare-again": bare_again,
+        "parked": parked,
+    }
     for module_name in also:  # another copy of loopwatch under another name (an older release, a branch)
         other = make_server(module_name)
         importlib.import_module(module_name).instrument(other, traces=False, log_blocks=False)
@@ -89,7 +123,8 @@ async def main(rounds: int, calls: int, also: tuple[str, ...] = ()) -> None:
     for index in range(rounds):
         order = names[index % len(names) :] + names[: index % len(names)]  # rotate who goes first
         for name in order:
-            times[name].append(await timed_round(servers[name], calls, cpu[name], opened[name]))
+            seconds = await timed_round(servers[name], calls, cpu[name], opened[name], parked_thread=name == "parked")
+            times[name].append(seconds)
     print(f"{rounds} rounds x {calls} sequential in-memory tools/call round trips, configurations rotated per round")
     for label, table in (("wall", times), ("CPU", cpu)):
         print(f"{label} time per call:")
@@ -99,6 +134,8 @@ async def main(rounds: int, calls: int, also: tuple[str, ...] = ()) -> None:
         report("announce on vs off (both defaults)", table["quiet"], table["default"])
         report("SDK OpenTelemetryMiddleware vs none", table["none"], table["bare"])
         report("A/A: bare vs the same bare again", table["bare"], table["bare-again"])
+        report("bare with a parked thread vs bare", table["bare"], table["parked"])
+        report("loopwatch core vs bare + parked thread", table["parked"], table["core"])
         for module_name in also:
             report(f"{module_name} core vs bare", table["bare"], table[module_name])
     print("session start (client open and initialize: the server's lifespan, loopwatch's start), not in the above:")

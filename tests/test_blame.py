@@ -155,3 +155,50 @@ def test_the_culprit_given_the_tools_home_is_the_innermost_own_frame_not_a_libra
     ]
     assert culprit_frame(stack) == stack[2]  # from the tool's frame in the stack
     assert culprit_frame(stack, f"{SITE}/fetchsrv/") == stack[2]
+
+
+def _raw(frame):
+    return (frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name)
+
+
+def _loop_runner(inner):
+    """Stands for asyncio's runner on uvloop: the frame that called into the loop, whose dispatch is C."""
+    frame = sys._getframe()
+    return inner(frame) if inner else sample_frame(frame, _raw(frame))
+
+
+def test_a_sample_whose_leaf_is_the_loops_base_is_the_loops_own_and_keeps_only_that_frame():
+    sample = _loop_runner(None)
+    assert sample.loop_only and sample.call is None
+    assert [f[2] for f in sample.stack] == ["_loop_runner"]  # not the test runner's frames outward of it
+
+
+def test_a_callback_the_loop_runs_is_not_the_loops_own_and_the_frames_outward_of_the_base_are_dropped():
+    def callback(base_frame):
+        return sample_frame(sys._getframe(), _raw(base_frame))
+
+    sample = _loop_runner(callback)
+    assert not sample.loop_only
+    assert [f[2] for f in sample.stack] == ["callback"]
+
+
+def test_the_loops_base_is_the_first_frame_outward_of_the_tasks_coroutines():
+    from loopwatch._blame import loop_base
+
+    async def inner():
+        return loop_base()
+
+    async def task():
+        return await inner()
+
+    def drive():  # a loop's dispatch: it steps the task's coroutine
+        coro = task()
+        try:
+            coro.send(None)
+        except StopIteration as stop:
+            return stop.value
+        raise AssertionError("the coroutine did not finish")
+
+    base = drive()
+    assert base[0] == __file__ and base[2] == "drive"
+    assert loop_base() is None  # not in a task

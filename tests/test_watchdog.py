@@ -377,7 +377,7 @@ def test_with_a_stall_timer_the_watchdog_sleeps_while_the_loop_beats_and_samples
         assert w.detector.poll() == HOUSEKEEPING
     last_beat = w.now
     w.sample = Sample(TOOL_STACK, call())
-    w.now = last_beat + 0.01 + 0.1  # the timer fires when the sentinel is interval + threshold late
+    w.now = last_beat + 0.01 + 0.1 + 1e-6  # the timer fires when the sentinel is interval + threshold late
     assert w.detector.poll() == 0.01  # blocked: from now on it looks every poll interval
     w.run(0.19, cpu_share=0.02)
     w.now += 0.01
@@ -815,3 +815,94 @@ def test_a_look_taken_after_the_loop_beat_again_is_not_a_sample_of_the_block():
     w.healthy(0.03)
     [(event, _)] = w.events
     assert event.frames == () and event.samples == 0
+
+
+LOOP_ONLY = (("/usr/lib/python3.11/asyncio/runners.py", 118, "run"),)
+"""uvloop between callbacks: its dispatch is C, so the leaf is the frame that started the loop (`loop_base`),
+and that is all a sample of it keeps."""
+CLIENT_STACK = (("/venv/lib/python3.11/site-packages/mcp/client/session.py", 591, "send_request"),)
+
+
+def test_the_loop_seen_on_its_own_as_a_short_block_ends_leaves_the_block_to_the_call_that_held_it():
+    """A crunch just over the threshold on uvloop (bench_blame, 125 ms): the first look, 105 ms in, shows the
+    call; the next, right before the sentinel's beat, the loop back in its C dispatch running what was due. One
+    sample each: the block is still the call's, not outside any call (with the call's own frames)."""
+    w = World(timer=True)
+    w.beating(1.0)
+    w.detector.poll()
+    w.beating(0.3)
+    last_beat = w.now
+    record = call("crunch")
+    w.sample = Sample(TOOL_STACK, record)
+    w.now = last_beat + 0.01 + 0.105  # the timer fired at 100 ms; the crunch let the GIL go 5 ms later
+    w.cpu += 0.115
+    w.detector.poll()
+    w.sample = Sample(LOOP_ONLY, None, loop_only=True)
+    w.now += 0.02
+    w.cpu += 0.02
+    w.detector.poll()
+    w.beat(lag=w.now - last_beat - 0.01)
+    w.sample = None
+    w.beating(0.01)
+    w.detector.poll()
+    [(event, blamed)] = w.events
+    assert blamed is record
+    assert (event.kind, event.tool, event.samples) == ("cpu", "crunch", 2)
+    assert (event.culprit.file, event.culprit.line) == ("/app/legacy.py", 8)
+    assert event.describe().startswith("loop blocked 125 ms [cpu] by tools/call crunch (request 7) at legacy.py:8")
+
+
+def test_the_loop_seen_on_its_own_through_most_of_a_block_is_the_loops_block_not_a_calls():
+    """A C callback held the loop (uvloop shows only the frame that started it); an honest call's step ran
+    right before it, at the first look: the loop's own samples vote, and the honest call is not blamed."""
+    w = World(timer=True)
+    w.beating(1.0)
+    w.detector.poll()
+    w.beating(0.3)
+    last_beat = w.now
+    w.sample = Sample(TOOL_STACK, call("ping"))
+    w.now = last_beat + 0.01 + 0.1
+    w.cpu += 0.11
+    w.detector.poll()
+    w.sample = Sample(LOOP_ONLY, None, loop_only=True)
+    w.run(0.05, cpu_share=1.0)
+    w.now += 0.01
+    w.cpu += 0.01
+    w.beat(lag=w.now - last_beat - 0.01)
+    w.sample = None
+    w.beating(0.01)
+    w.detector.poll()
+    [(event, blamed)] = w.events
+    assert (event.tool, blamed) == (None, None)
+    assert event.describe().endswith("[cpu] outside any call at runners.py:118 in run")
+
+
+def test_a_stall_timer_that_fires_early_has_the_first_look_at_the_threshold_not_a_poll_interval_later():
+    """Armed at an older beat, the timer fires a few ms before the block crosses the threshold; the watchdog
+    looks again right when it does. A crunch that ends 6 ms past the threshold is seen twice, not only its
+    aftermath (the client's code, outside any call, running before the beat)."""
+    w = World(timer=True)
+    w.beating(1.0)
+    w.detector.poll()
+    w.beating(0.3)
+    last_beat = w.now
+    record = call("crunch")
+    crossed = last_beat + 0.01 + 0.1
+    w.detector.sampler = lambda: Sample(TOOL_STACK, record) if w.now <= crossed + 0.006 else Sample(CLIENT_STACK, None)
+    w.now = crossed - 0.003  # the timer fires 3 ms early
+    w.cpu += 0.107
+    wait = w.detector.poll()
+    assert not w.detector.blocked
+    beat_at = crossed + 0.009
+    while w.now + wait <= beat_at + 1e-9:
+        w.now += wait
+        w.cpu += wait
+        wait = w.detector.poll()
+    w.now = beat_at
+    w.beat(lag=w.now - last_beat - 0.01)
+    w.detector.sampler = lambda: None
+    w.beating(0.01)
+    w.detector.poll()
+    [(event, blamed)] = w.events
+    assert blamed is record
+    assert (event.kind, event.tool) == ("cpu", "crunch")

@@ -96,12 +96,36 @@ class Sample:
     module: str | None = None
     elsewhere: tuple[Sample, ...] = ()
     """Samples of the threads running offloaded calls, taken at the same moment."""
+    loop_only: bool = False
+    """Only the event loop's own machinery ran: no task, no callback of Python code (`sample_frame`)."""
 
 
-def sample_frame(leaf: FrameType | None) -> Sample | None:
+def loop_base() -> RawFrame | None:
+    """On the loop thread, in a task: the frame the loop's dispatch returns to between callbacks, the first
+    frame outward of the task's coroutines. On uvloop, whose loop is C, that is the frame that started the loop
+    (asyncio's runner): between callbacks it is the leaf of the loop thread's stack. On a Python loop it is a
+    dispatch frame (asyncio's `Handle._run`, trio's run loop)."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None and not frame.f_code.co_flags & _COROUTINE_FLAGS:
+        frame = frame.f_back  # the caller's own frames, to its coroutine
+    if frame is None:
+        return None  # not in a task
+    while frame is not None and frame.f_code.co_flags & _COROUTINE_FLAGS:
+        frame = frame.f_back
+    if frame is None:
+        return None
+    return (frame.f_code.co_filename, frame.f_lineno or 0, frame.f_code.co_name)
+
+
+_COROUTINE_FLAGS = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR | inspect.CO_ITERABLE_COROUTINE
+
+
+def sample_frame(leaf: FrameType | None, base: RawFrame | None = None) -> Sample | None:
     """Read a frame chain (from `sys._current_frames()`) into a Sample. None when there is no frame.
 
-    The call is found however deep the stack is; the frames kept are bounded (`bound_stack`)."""
+    The call is found however deep the stack is; the frames kept are bounded (`bound_stack`). `base` is the
+    loop's (`loop_base`): the frames outward of it are not the task's, and a sample that stops there, or at
+    a Python loop's dispatch frame, is the loop's own."""
     if leaf is None:
         return None
     raw: list[RawFrame] = []
@@ -121,9 +145,13 @@ def sample_frame(leaf: FrameType | None) -> Sample | None:
             module = _read_local(frame, "name") or module
         frame = frame.f_back
     raw.reverse()
-    task = trim_to_task(raw)
+    task = trim_to_task(raw, base)
     anchor = None if call_at < 0 else len(raw) - 1 - call_at - (len(raw) - len(task))
-    return Sample(bound_stack(drop_own_leaf(task), anchor=anchor), call, module)
+    kept = drop_own_leaf(task)
+    if call is None and (not kept or is_dispatch(kept[-1]) or kept[-1] == base):
+        # Only the leaf: outward of the loop is the script that started it, no line to fix.
+        return Sample(tuple(kept[-1:]), None, module, loop_only=True)
+    return Sample(bound_stack(kept, anchor=anchor), call, module)
 
 
 def bound_stack(raw: Sequence[RawFrame], depth: int = MAX_DEPTH, anchor: int | None = None) -> tuple[RawFrame, ...]:
@@ -295,10 +323,11 @@ def is_dispatch(frame: RawFrame) -> bool:
     return func in _DISPATCH_FUNCS and file.startswith(_dispatch_dirs())
 
 
-def trim_to_task(raw: Sequence[RawFrame]) -> Sequence[RawFrame]:
-    """Drop the event loop's own frames: keep what runs inward of the innermost dispatch frame."""
+def trim_to_task(raw: Sequence[RawFrame], base: RawFrame | None = None) -> Sequence[RawFrame]:
+    """Drop the event loop's own frames: keep what runs inward of the innermost dispatch frame, or of the loop's
+    `base` (uvloop's dispatch is C: what started the loop, asyncio's runner and the script, is outward)."""
     for index in range(len(raw) - 1, -1, -1):
-        if is_dispatch(raw[index]):
+        if is_dispatch(raw[index]) or raw[index] == base:
             return raw[index + 1 :] or raw
     return raw
 

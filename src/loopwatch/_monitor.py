@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from ._blame import CallRecord, home_of, offloaded_during, register_sdk_frames
+from ._blame import CallRecord, home_of, loop_base, offloaded_during, register_sdk_frames
 from ._events import BlockEvent, BlockLog, Event, JsonLinesWriter, Listener, Listeners
 from ._gc import GC_CLOCK
 from ._options import Options
@@ -295,7 +295,7 @@ class Monitor:
             heartbeat,
             poll_interval=opts.interval,
             demand_clock=thread_demand_clock(threading.get_native_id()) or thread_cpu_clock(thread_id),
-            sampler=thread_sampler(thread_id),
+            sampler=thread_sampler(thread_id, loop_base()),
             gc_time=GC_CLOCK.within,
             emit=self._on_block,
             blocking=self._on_blocking,

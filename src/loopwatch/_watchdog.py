@@ -45,6 +45,8 @@ GIL_HANDOFF = 0.001
 a second); it goes on as soon as the watchdog runs (a median 0.18 ms, measured, against 0.33 ms for the fixed
 0.2 ms sleep this replaced)."""
 CPU_SHARE = 0.5
+MIN_WAIT = 0.001
+"""Seconds the watchdog waits at least between two looks."""
 HOUSEKEEPING = 1.0
 """Seconds between the watchdog's looks while the loop beats, when a stall timer wakes it for blocks."""
 IDLE_HOUSEKEEPING = 5.0
@@ -140,6 +142,21 @@ class _Block:
             self.runs.append(_Run(key, sample.call, now, now))
         self.runs[-1].add(sample, now)
         self.runs[-1].late_looks += starved
+
+    def voters(self) -> list[Sample]:
+        """The samples that say who held the loop: all, in order, but those of the loop's own machinery at the
+        block's end when they are no more than the rest. That is the loop back from the blocker, running the
+        callbacks due before the sentinel's beat ends the block (uvloop's are C: a stack of only the frame
+        that started the loop); in a block just over the threshold it can be half the samples. Many of them
+        are the loop's own block (a C callback), and they vote."""
+        samples = self.samples
+        if self.taken > len(samples):  # a ring: the oldest is where the next one goes
+            at = self.taken % len(samples)
+            samples = samples[at:] + samples[:at]
+        tail = 0
+        while tail < len(samples) and samples[-1 - tail].loop_only:
+            tail += 1
+        return samples[:-tail] if 0 < tail and tail * 2 <= len(samples) else samples
 
     def holder(self, min_span: float) -> CallRecord | None:
         """The call on the loop now, once two samples in a row agree (and, after another call held the loop
@@ -337,7 +354,10 @@ class Detector:
         if self.timer and due > self.hb.threshold / 2:
             # The loop beats (or idles: no beat is due): the stall timer wakes the watchdog if it stops.
             return HOUSEKEEPING if due != math.inf else IDLE_HOUSEKEEPING
-        return min(max(due, self.poll_interval), self.hb.threshold + self.hb.interval)
+        # Right when a block would cross the threshold, not a poll interval later: a stall timer armed at an
+        # older beat fires up to a quarter threshold early, and a first look up to 10 ms late missed what held
+        # the loop in a block just over the threshold (it saw only what ran after it, before the beat).
+        return min(max(due, MIN_WAIT), self.hb.threshold + self.hb.interval)
 
     def _finish(self, end_count: int, end: float, lag: float, cpu: float | None, *, now: float) -> None:
         block = self._block
@@ -362,7 +382,7 @@ class Detector:
         demand_s = _demand(block, cpu_s, lag)
         starved_s = self._starved_in(start, end)
         gc_s = min(lag, self.gc_time(start, end))
-        profile = summarize(block.samples)
+        profile = summarize(block.voters())
         kind = classify(lag, demand_s, starved_s, profile.importing, gc_s, block.late_looks)
         kind = self._kind_of_hottest(block, kind)
         common = dict(lag=lag, cpu_s=cpu_s, now=now, end=end, taken=block.taken, gc_s=gc_s)
@@ -547,13 +567,14 @@ def _demand(block: _Block, cpu_s: float | None, lag: float) -> float | None:
     return cpu_s
 
 
-def thread_sampler(thread_id: int) -> Sampler:
+def thread_sampler(thread_id: int, base: RawFrame | None = None) -> Sampler:
     """Samples of the loop thread, each with samples of the threads running offloaded calls at that moment
-    (one `sys._current_frames()` for all: when the loop waits for the GIL, one of them may hold it)."""
+    (one `sys._current_frames()` for all: when the loop waits for the GIL, one of them may hold it). `base`:
+    the loop's (`_blame.loop_base`), read on the loop thread."""
 
     def sample() -> Sample | None:
         frames = sys._current_frames()
-        loop = sample_frame(frames.get(thread_id))
+        loop = sample_frame(frames.get(thread_id), base)
         if loop is None or not OFFLOADED_CALLS:
             return loop
         others = tuple(

@@ -906,3 +906,28 @@ def test_a_stall_timer_that_fires_early_has_the_first_look_at_the_threshold_not_
     [(event, blamed)] = w.events
     assert blamed is record
     assert (event.kind, event.tool) == ("cpu", "crunch")
+
+
+def test_a_native_call_shorter_than_twice_the_threshold_is_gil_and_named_by_the_look_as_the_gil_came_back():
+    """bench_blame's `sum(range(...))` on a quiet machine: 170 ms. The stall timer woke the watchdog at the
+    threshold; it got the GIL only as the call returned. Less than half the block, but all of it from when the
+    watchdog was due: `gil`, not `cpu`."""
+    w = World(timer=True)
+    w.beating(1.0)
+    w.detector.poll()
+    w.beating(0.3)
+    last_beat = w.now
+    record = call("native")
+    w.now = last_beat + 0.01 + 0.1 + 0.07  # the timer fired 70 ms ago: since then the watchdog waited for the GIL
+    w.cpu += 0.17
+    w.sample = Sample(TOOL_STACK, record)  # the look as the GIL came back: the native call's line
+    w.detector.poll()
+    w.now += 0.002
+    w.cpu += 0.002
+    w.beat(lag=w.now - last_beat - 0.01)
+    w.sample = None
+    w.beating(0.01)
+    w.detector.poll()
+    [(event, blamed)] = w.events
+    assert (event.kind, event.tool, blamed) == ("gil", "native", record)
+    assert (event.released_at.file, event.released_at.line) == ("/app/legacy.py", 8)

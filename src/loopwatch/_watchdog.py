@@ -186,7 +186,7 @@ as it lets go; many late looks are a loaded machine making the watchdog wait for
 
 def classify(
     duration: float, demand_s: float | None, starved_s: float, importing: bool, gc_s: float = 0.0,
-    late_looks: int = 0,
+    late_looks: int = 0, watched: float | None = None,
 ) -> BlockKind:
     """The kind of a block, from the loop thread's demand for CPU and whether the watchdog could run at all.
 
@@ -196,6 +196,8 @@ def classify(
     watchdog could not sample through for half its time, while the loop thread was not idle, is `gil`:
     a native call held the GIL (where the watchdog saw too little of the block to measure the demand, a
     loaded machine gives the loop thread only a part of its CPU time, so not idle is all it can say).
+    `watched`: the part of the block from when the watchdog was first due to look (the threshold) on, the part
+    its looks can tell about; by default the whole block.
     """
     if gc_s * 2 >= duration > 0:
         return "gc"
@@ -204,7 +206,8 @@ def classify(
     if demand_s is None:
         return "unknown"
     busy = demand_s >= CPU_SHARE * duration
-    if starved_s * 2 >= duration and demand_s >= IDLE_SHARE * duration and late_looks <= GIL_LOOKS:
+    watched = duration if watched is None else watched
+    if 0 < starved_s and starved_s * 2 >= watched and demand_s >= IDLE_SHARE * duration and late_looks <= GIL_LOOKS:
         return "gil"
     return "cpu" if busy else "wait"
 
@@ -383,7 +386,10 @@ class Detector:
         starved_s = self._starved_in(start, end)
         gc_s = min(lag, self.gc_time(start, end))
         profile = summarize(block.voters())
-        kind = classify(lag, demand_s, starved_s, profile.importing, gc_s, block.late_looks)
+        # A native call shorter than twice the threshold held the GIL for less than half the block, but for all
+        # of it the watchdog was due to look at: it was `cpu` (bench_blame's sum(range()) of 160-190 ms).
+        watched = lag - self.hb.threshold
+        kind = classify(lag, demand_s, starved_s, profile.importing, gc_s, block.late_looks, watched)
         kind = self._kind_of_hottest(block, kind)
         common = dict(lag=lag, cpu_s=cpu_s, now=now, end=end, taken=block.taken, gc_s=gc_s)
         elsewhere = self._held_elsewhere(block, kind, lag, demand_s, starved_s, start, end)
@@ -463,7 +469,7 @@ class Detector:
         if kind == "gc":
             return self._gc_elsewhere(block, start, end)
         loop_idle = demand_s is not None and demand_s < IDLE_SHARE * lag
-        if starved_s * 2 < lag or not loop_idle:
+        if not 0 < starved_s or starved_s * 2 < lag - self.hb.threshold or not loop_idle:  # as in `classify`
             return None
         sample = block.released or (block.samples[0] if block.samples else None)
         others = [s for s in (sample.elsewhere if sample is not None else ()) if s.call is not None]

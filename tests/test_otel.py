@@ -143,6 +143,23 @@ async def test_a_block_is_an_event_on_the_blamed_calls_span_and_a_back_dated_chi
     assert blocked.attributes["code.line.number"] == line_of(where, statement)
 
 
+def test_the_span_events_code_line_is_the_blocking_application_line_not_the_library_leaf():
+    """A sleep in the application's helper module, reached through a library: `code.*` names the helper's line
+    (the culprit, the line to fix), the leaf keeps the library's."""
+    from loopwatch._events import Frame
+    from loopwatch.otel import block_attributes
+
+    site = "/venv/lib/python3.11/site-packages"
+    frames = (Frame("/srv/app/server.py", 12, "lookup"), Frame("/srv/app/helpers.py", 7, "fetch_record"),
+              Frame(f"{site}/requests/sessions.py", 589, "request"))
+    event = BlockEvent(time=1.0, duration_s=0.3, kind="wait", tool="lookup", method="tools/call", request_id="1",
+                       session_id=None, cpu_s=0.0, samples=20, frames=frames, culprit=frames[1])
+    attributes = block_attributes(event)
+    assert (attributes["code.file.path"], attributes["code.line.number"]) == ("/srv/app/helpers.py", 7)
+    assert attributes["code.function.name"] == "fetch_record"
+    assert attributes["loopwatch.leaf"] == f"{site}/requests/sessions.py:589 in request"
+
+
 @ASYNCIO
 async def test_a_span_held_for_a_late_block_keeps_the_time_its_owner_ended_it(spans, handles, anyio_backend):
     server, handle, blocks = instrumented(handles, "inventory_server", "mcp")

@@ -1,6 +1,6 @@
 """Blame on a workload of seven blockers: is every block found, with the right kind and the right line?
 
-    python benchmarks/bench_blame.py [--rounds 5] [--honest 20] [--backends asyncio,uvloop,trio]
+    python benchmarks/bench_blame.py [--rounds 5] [--honest 20] [--backends asyncio,uvloop,trio] [--crunch N]
 
 The server (benchmarks/blame_workload/server.py, in this process, driven by the SDK's in-memory `Client`)
 has seven tools that block the loop, each its own way: a sleep in the application's helper module, a
@@ -8,7 +8,8 @@ pure-Python crunch, one native call that holds the GIL (`sum(range(...))`), sync
 server that answers after 0.3 s, an import of a slow module (dropped from `sys.modules` before each round),
 `subprocess.run`, and a lock another thread holds for 0.3 s. Each round calls each blocker once with
 `--honest` honest calls beside it (they await, never block), on each backend, with loopwatch's detection and
-traces on (offload off: each round must block again).
+traces on (offload off: each round must block again). `--crunch N` runs the crunch N steps (default: about
+0.3 s, like the others; 2000000 puts it just over the 0.1 s threshold on a quiet machine, two or three looks).
 
 For each backend it prints, out of rounds x 7: blocks found (exactly one block blamed on the blocker), the
 kind right, the line right (the `file:line` the one-line report ends its `at ... <- ...` chain with names
@@ -105,6 +106,9 @@ def span_lines(exporter: Any, tool: str) -> list[int]:
     return lines
 
 
+ARGS: dict[str, dict[str, Any]] = {}
+
+
 async def trial(client: Any, module: Any, tool: str, honest: int) -> None:
     if tool == "importer":
         sys.modules.pop("slow_module", None)
@@ -116,7 +120,7 @@ async def trial(client: Any, module: Any, tool: str, honest: int) -> None:
         for i in range(honest):
             tg.start_soon(client.call_tool, "ping", {"n": i})
         await anyio.sleep(0.005)
-        tg.start_soon(client.call_tool, tool, {})
+        tg.start_soon(client.call_tool, tool, ARGS.get(tool, {}))
 
 
 async def run_backend(rounds: int, honest: int, exporter: Any) -> dict[str, Any]:
@@ -185,7 +189,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--honest", type=int, default=20)
     parser.add_argument("--backends", default="asyncio,uvloop,trio")
+    parser.add_argument("--crunch", type=int, default=None, help="steps of the crunch (default: the workload's)")
     args = parser.parse_args()
+    if args.crunch is not None:
+        ARGS["crunch"] = {"n": args.crunch}
     exporter = tracing()
     total = args.rounds * len(EXPECTED_KIND)
     for backend in args.backends.split(","):

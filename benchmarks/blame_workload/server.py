@@ -15,6 +15,9 @@ mcp = MCPServer("blame-workload")
 URL = {"value": ""}
 LOCK = threading.Lock()
 NATIVE_N = 15_000_000
+CRUNCH_N = 6_000_000
+"""About 0.3 s like the other blockers (0.26 s on a quiet core here): 2,000,000 took 86 to 160 ms, so on a
+quiet machine the crunch was at or under the 0.1 s threshold, no block at all (`--crunch` sets it)."""
 
 
 @mcp.tool()
@@ -29,7 +32,7 @@ async def sleeper(key: str = "a") -> dict:
 
 
 @mcp.tool()
-async def crunch(n: int = 2_000_000) -> int:
+async def crunch(n: int = CRUNCH_N) -> int:
     total = 0
     for i in range(n): total = (total * 31 + i) % 1_000_003  # noqa: E701 - BLOCKER crunch
     return total

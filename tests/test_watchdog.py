@@ -931,3 +931,32 @@ def test_a_native_call_shorter_than_twice_the_threshold_is_gil_and_named_by_the_
     [(event, blamed)] = w.events
     assert (event.kind, event.tool, blamed) == ("gil", "native", record)
     assert (event.released_at.file, event.released_at.line) == ("/app/legacy.py", 8)
+
+
+@pytest.mark.parametrize(("queued", "kind"), [(0.001, "gil"), (0.03, "cpu")])
+def test_a_look_30_ms_late_is_a_wait_for_the_gil_unless_the_watchdog_waited_for_a_core(queued, kind):
+    """A 130 ms block: the stall timer woke the watchdog at the threshold and its look came 30 ms later. Not
+    waiting for a core then (its run-queue time), it waited for the GIL: a native call (quiet machine, bench_blame's
+    `sum(range(...))` at 150 ms). Waiting for a core most of it: a busy machine, and the crunch is `cpu`."""
+    w = World(timer=True)
+    own = {"queued": 7.0}
+    w.detector.own_queue = lambda: own["queued"]
+    w.beating(1.0)
+    w.detector.poll()
+    w.beating(0.3)
+    last_beat = w.now
+    record = call("native")
+    w.now = last_beat + 0.01 + 0.1 + 0.03
+    w.cpu += 0.13
+    own["queued"] += queued
+    w.sample = Sample(TOOL_STACK, record)
+    w.detector.poll()
+    w.now += 0.002
+    w.cpu += 0.002
+    w.beat(lag=w.now - last_beat - 0.01)
+    w.sample = None
+    w.beating(0.01)
+    w.detector.poll()
+    [(event, blamed)] = w.events
+    assert (event.kind, event.tool, blamed) == (kind, "native", record)
+    assert (event.released_at is not None) == (kind == "gil")

@@ -40,6 +40,9 @@ Sampler = Callable[[], Sample | None]
 CpuClock = Callable[[], float | None]
 """Seconds: a thread's CPU time, or its demand for CPU (CPU time plus time runnable but waiting for a core)."""
 MAX_SAMPLES = 512
+GIL_WAIT = 0.01
+"""A look this late, or later, that was not for want of a core is a wait for the GIL (pure Python lets it go
+within the 5 ms switch interval of a request; a native call does not)."""
 GIL_HANDOFF = 0.001
 """At most this many seconds the loop waits, GIL released, for a due watchdog to take the GIL (about 10 times
 a second); it goes on as soon as the watchdog runs (a median 0.18 ms, measured, against 0.33 ms for the fixed
@@ -270,6 +273,9 @@ class Detector:
         more means it could not run (the GIL was held)."""
         self._starved: deque[tuple[float, float]] = deque(maxlen=64)
         self._block: _Block | None = None
+        self.own_queue: CpuClock = lambda: None
+        """The watchdog thread's seconds runnable but waiting for a core (set on that thread, by `Watchdog`)."""
+        self._queued_at: float | None = None
 
     @property
     def blocked(self) -> bool:
@@ -290,20 +296,25 @@ class Detector:
             stalled = self._stall_deadline(beat_time, now)
             if stalled is not None and stalled > last:
                 due = min(due, stalled)  # the timer fired then (or will): the watchdog was due to run
-        starved = now - due >= self.hb.threshold / 2
-        if starved:
-            self._starved.append((due, now))  # from when it should have run: before that it slept by choice
         if self._block is None and now - beat_time - self.hb.interval >= self.hb.threshold:
             self._block = _Block(count)
         block = self._block
+        sample = None
         if block is not None and block.count == count:
             sample = self.sampler()
             if sample is not None and self.hb.beat[0] != count:
                 sample = None  # the loop beat while this look waited for the GIL: it shows what ran after the block
-            if sample is not None:
-                block.add(sample, starved, now)
-                block.account(sample.stack, now, self.demand_clock())
-                self._announce(block, now - beat_time - self.hb.interval, now)
+        late = now - due
+        queued = self._queued()  # after the look: a read lets the GIL go
+        # Late by half the threshold: it could not run (the GIL was held, or a busy machine kept it from a core).
+        # Less late, yet not for want of a core (its run-queue time): it waited for the GIL.
+        starved = late >= self.hb.threshold / 2 or (late >= GIL_WAIT and queued is not None and queued * 2 < late)
+        if starved:
+            self._starved.append((due, now))  # from when it should have run: before that it slept by choice
+        if block is not None and sample is not None:
+            block.add(sample, starved, now)
+            block.account(sample.stack, now, self.demand_clock())
+            self._announce(block, now - beat_time - self.hb.interval, now)
         finished = False
         while self.hb.late:
             self._finish(*self.hb.late.popleft(), now=now)
@@ -311,6 +322,15 @@ class Detector:
         wait = self._next_wait(now, beat_time, settle=finished)
         self._due = now + wait
         return wait
+
+    def _queued(self) -> float | None:
+        """Seconds the watchdog thread waited for a core since the previous look (None: unknown)."""
+        try:
+            total = self.own_queue()
+        except Exception:
+            total = None
+        before, self._queued_at = self._queued_at, total
+        return None if total is None or before is None else max(0.0, total - before)
 
     def _stall_deadline(self, beat_time: float, now: float) -> float | None:
         """When the stall timer fired (or fires) for the earliest block not yet reported: its start plus the
@@ -389,7 +409,9 @@ class Detector:
         # A native call shorter than twice the threshold held the GIL for less than half the block, but for all
         # of it the watchdog was due to look at: it was `cpu` (bench_blame's sum(range()) of 160-190 ms).
         watched = lag - self.hb.threshold
-        kind = classify(lag, demand_s, starved_s, profile.importing, gc_s, block.late_looks, watched)
+        # A collection holds the GIL too: the watchdog's wait for it is not a native call's.
+        gil_s = max(0.0, starved_s - gc_s)
+        kind = classify(lag, demand_s, gil_s, profile.importing, gc_s, block.late_looks, watched)
         kind = self._kind_of_hottest(block, kind)
         common = dict(lag=lag, cpu_s=cpu_s, now=now, end=end, taken=block.taken, gc_s=gc_s)
         elsewhere = self._held_elsewhere(block, kind, lag, demand_s, starved_s, start, end)
@@ -636,6 +658,16 @@ class Schedstat:
         except (OSError, ValueError):
             return None
 
+    def queued(self) -> float | None:
+        """The run-queue seconds alone."""
+        fd = self._fd
+        if fd is None:
+            return None
+        try:
+            return int(os.pread(fd, 128, 0).split()[1]) / 1e9
+        except (OSError, ValueError, IndexError):
+            return None
+
     def close(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:
@@ -847,6 +879,9 @@ class Watchdog:
             self._sleeper.wake()
 
     def _run(self) -> None:
+        own = thread_demand_clock(threading.get_native_id())
+        if own is not None:
+            self.detector.own_queue, self.detector._queued_at = own.queued, None
         try:
             wait = self.detector.first_wait()
             self.due_at = time.monotonic() + wait
@@ -867,6 +902,9 @@ class Watchdog:
             self._step()
         finally:
             self._sleeper.close()
+            if own is not None:
+                self.detector.own_queue = lambda: None
+                own.close()
 
     def _step(self) -> float:
         try:

@@ -933,21 +933,27 @@ def test_a_native_call_shorter_than_twice_the_threshold_is_gil_and_named_by_the_
     assert (event.released_at.file, event.released_at.line) == ("/app/legacy.py", 8)
 
 
-@pytest.mark.parametrize(("queued", "kind"), [(0.001, "gil"), (0.03, "cpu")])
-def test_a_look_30_ms_late_is_a_wait_for_the_gil_unless_the_watchdog_waited_for_a_core(queued, kind):
+@pytest.mark.parametrize(
+    ("queued", "ran", "kind"),
+    [(0.001, 0.13, "gil"), (0.03, 0.13, "cpu"), (0.001, 0.09, "cpu")],
+    ids=["the-gil", "the-watchdog-waited-for-a-core", "the-loop-thread-was-preempted"],
+)
+def test_a_look_30_ms_late_is_a_wait_for_the_gil_unless_a_busy_machine_made_it_late(queued, ran, kind):
     """A 130 ms block: the stall timer woke the watchdog at the threshold and its look came 30 ms later. Not
-    waiting for a core then (its run-queue time), it waited for the GIL: a native call (quiet machine, bench_blame's
-    `sum(range(...))` at 150 ms). Waiting for a core most of it: a busy machine, and the crunch is `cpu`."""
+    waiting for a core then (its run-queue time), while the loop thread ran throughout, it waited for the GIL: a
+    native call (quiet machine, bench_blame's `sum(range(...))` at 150 ms). The watchdog waiting for a core, or
+    the loop thread off its core part of the time (preempted holding the GIL): a busy machine; a crunch, `cpu`."""
     w = World(timer=True)
     own = {"queued": 7.0}
     w.detector.own_queue = lambda: own["queued"]
+    w.detector.loop_cpu = lambda: w.cpu
     w.beating(1.0)
     w.detector.poll()
     w.beating(0.3)
     last_beat = w.now
     record = call("native")
     w.now = last_beat + 0.01 + 0.1 + 0.03
-    w.cpu += 0.13
+    w.cpu += ran
     own["queued"] += queued
     w.sample = Sample(TOOL_STACK, record)
     w.detector.poll()

@@ -304,6 +304,7 @@ class Monitor:
             tool_home=self._tool_home,
             loop_thread=thread_id,
             offloaded_during=offloaded_during,
+            loop_cpu=thread_cpu_clock(thread_id),
         )
         self.heartbeat, self.loop_thread_id = heartbeat, thread_id
         self.backend = _backend_name()

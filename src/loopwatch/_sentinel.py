@@ -39,6 +39,11 @@ class Heartbeat:
         """(beat count, time, lag, the loop thread's CPU seconds since the beat before, or None)."""
         self._cpu: float | None = None
 
+    @property
+    def cpu_at_beat(self) -> float | None:
+        """The loop thread's CPU clock as read at the latest beat (None: unknown)."""
+        return self._cpu
+
     def restart(self, now: float, cpu: float | None) -> None:
         """The sentinel's baseline: the beat count goes on from where it was."""
         self._cpu = cpu

@@ -43,6 +43,8 @@ MAX_SAMPLES = 512
 GIL_WAIT = 0.01
 """A look this late, or later, that was not for want of a core is a wait for the GIL (pure Python lets it go
 within the 5 ms switch interval of a request; a native call does not)."""
+LOOP_RAN = 0.9
+"""The share of the time since its last beat the loop thread must have run for such a look to be the GIL's."""
 GIL_HANDOFF = 0.001
 """At most this many seconds the loop waits, GIL released, for a due watchdog to take the GIL (about 10 times
 a second); it goes on as soon as the watchdog runs (a median 0.18 ms, measured, against 0.33 ms for the fixed
@@ -244,6 +246,7 @@ class Detector:
         tool_home: Callable[[CallRecord], str | None] = lambda call: None,
         loop_thread: int | None = None,
         offloaded_during: Callable[[float, float], list[CallRecord]] = lambda start, end: [],
+        loop_cpu: CpuClock = lambda: None,
     ) -> None:
         self.offloaded_during = offloaded_during
         """The offloaded calls that ran between two times of `clock` (`_blame.offloaded_during`)."""
@@ -273,6 +276,8 @@ class Detector:
         more means it could not run (the GIL was held)."""
         self._starved: deque[tuple[float, float]] = deque(maxlen=64)
         self._block: _Block | None = None
+        self.loop_cpu = loop_cpu
+        """The loop thread's CPU seconds, read from the watchdog without letting the GIL go."""
         self.own_queue: CpuClock = lambda: None
         """The watchdog thread's seconds runnable but waiting for a core (set on that thread, by `Watchdog`)."""
         self._queued_at: float | None = None
@@ -308,7 +313,9 @@ class Detector:
         queued = self._queued()  # after the look: a read lets the GIL go
         # Late by half the threshold: it could not run (the GIL was held, or a busy machine kept it from a core).
         # Less late, yet not for want of a core (its run-queue time): it waited for the GIL.
-        starved = late >= self.hb.threshold / 2 or (late >= GIL_WAIT and queued is not None and queued * 2 < late)
+        starved = late >= self.hb.threshold / 2 or (
+            late >= GIL_WAIT and queued is not None and queued * 2 < late and self._loop_ran(beat_time, now)
+        )
         if starved:
             self._starved.append((due, now))  # from when it should have run: before that it slept by choice
         if block is not None and sample is not None:
@@ -322,6 +329,16 @@ class Detector:
         wait = self._next_wait(now, beat_time, settle=finished)
         self._due = now + wait
         return wait
+
+    def _loop_ran(self, beat_time: float, now: float) -> bool:
+        """Whether the loop thread ran on a core nearly all the time since its last beat: a native call holding
+        the GIL does; a GIL holder preempted on a busy machine (the watchdog waited for it, not for a core) not."""
+        try:
+            cpu = self.loop_cpu()
+        except Exception:
+            cpu = None
+        before = self.hb.cpu_at_beat
+        return cpu is not None and before is not None and cpu - before >= LOOP_RAN * (now - beat_time)
 
     def _queued(self) -> float | None:
         """Seconds the watchdog thread waited for a core since the previous look (None: unknown)."""

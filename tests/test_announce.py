@@ -227,7 +227,24 @@ def test_a_socket_nobody_listens_on_is_removed_by_a_reader(runtime):
         poller.close()
     assert not dead.exists()
     assert any("999999" in line for line in poller.cleaned)
-    assert "no watched servers" in once_text([], poller.cleaned)
+    assert "no watched servers" in once_text([])
+
+
+@pytest.mark.parametrize("command", [["ls"], ["top", "--once"]])
+def test_a_removed_stale_announcement_is_said_on_stderr_and_stdout_is_the_table_alone(runtime, command):
+    import subprocess
+    import sys
+
+    runtime.mkdir(mode=0o700, parents=True)
+    dead = runtime / "999999.1.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(dead))
+    sock.close()
+    done = subprocess.run([sys.executable, "-m", "loopwatch", *command], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert not dead.exists()
+    assert done.stderr.splitlines() == [f"loopwatch: removed a stale announcement: {dead} (pid 999999 no longer listens)"]
+    assert "stale" not in done.stdout and "no watched servers" in done.stdout
 
 
 @asyncio_only

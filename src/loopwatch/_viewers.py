@@ -16,7 +16,8 @@ def run_viewer(args: argparse.Namespace) -> int:
             return _top(args)
         if args.command == "ls":
             servers, cleaned = snapshot()
-            print(ls_text(servers, cleaned))
+            _say_cleaned(cleaned)
+            print(ls_text(servers))
             return 0
         return _report(args)
     except ReportError as exc:
@@ -29,13 +30,20 @@ def run_viewer(args: argparse.Namespace) -> int:
 def _top(args: argparse.Namespace) -> int:
     if args.once:
         servers, cleaned = snapshot()
-        print(once_text(servers, cleaned))
+        _say_cleaned(cleaned)
+        print(once_text(servers))
         return 0
     if importlib.util.find_spec("textual") is None:
         print("loopwatch: the live view needs textual: pip install 'loopwatch[top]' "
               "(or `loopwatch top --once` for a plain-text snapshot)", file=sys.stderr)
         return 2
     return run_tui(args.interval)
+
+
+def _say_cleaned(cleaned: list[str]) -> None:
+    """Stale announcements removed on the way: said on stderr, so that stdout is the table alone."""
+    for line in cleaned:
+        print(f"loopwatch: {line}", file=sys.stderr)
 
 
 def _report(args: argparse.Namespace) -> int:

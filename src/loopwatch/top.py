@@ -266,13 +266,12 @@ def table(rows: Sequence[Sequence[str]]) -> str:
     )
 
 
-def once_text(servers: Sequence[Server], cleaned: Sequence[str] = ()) -> str:
+def once_text(servers: Sequence[Server]) -> str:
     """`loopwatch top --once`: stuck servers first with their call and stack, then the table."""
     ordered = sort_servers(servers)
     stuck = [s for s in ordered if s.stuck]
     out = [f"loopwatch top  {time.strftime('%Y-%m-%d %H:%M:%S')}  {len(servers)} server"
            f"{'s' if len(servers) != 1 else ''}, {len(stuck)} stuck"]
-    out.extend(cleaned)
     for server in stuck:
         out.append("")
         out.extend(stuck_lines(server))
@@ -285,7 +284,7 @@ def once_text(servers: Sequence[Server], cleaned: Sequence[str] = ()) -> str:
     return "\n".join(out)
 
 
-def ls_text(servers: Sequence[Server], cleaned: Sequence[str] = ()) -> str:
+def ls_text(servers: Sequence[Server]) -> str:
     header = ("PID", "NAME", "TRANSPORT", "STATE", "UP", "COMMAND", "SOCKET")
     rows = [header]
     for s in sorted(servers, key=lambda s: (s.pid or 0, s.path.name)):
@@ -293,7 +292,7 @@ def ls_text(servers: Sequence[Server], cleaned: Sequence[str] = ()) -> str:
         up = st.get("now", 0) - st["started_at"] if st.get("started_at") else None
         rows.append((str(s.pid or "?"), s.name, str(st.get("transport") or "?"), s.status(),
                      uptime(up), command_text(st, 50), str(s.path)))
-    lines = list(cleaned)
+    lines = []
     if len(rows) == 1:
         lines.append("no watched servers")
     else:

@@ -218,8 +218,8 @@ async def test_ls_and_top_once_list_the_servers_and_a_killed_servers_socket_is_r
         server.wait(10)
         assert sock.exists()  # nobody removed it: the process had no chance
         listed = subprocess.run([sys.executable, "-m", "loopwatch", "ls"], env=env, capture_output=True, text=True)
-        assert f"removed a stale announcement: {sock}" in listed.stdout
-        assert "no watched servers" in listed.stdout
+        assert f"loopwatch: removed a stale announcement: {sock}" in listed.stderr  # stdout: the table only
+        assert listed.stdout == "no watched servers\n"
         assert not sock.exists()
     finally:
         if server.poll() is None:

@@ -49,7 +49,7 @@ def test_supported_versions_have_no_problem(version):
 @pytest.mark.parametrize("version", ["0.9.1", "1.23.3", "3.0.0"])
 def test_other_versions_are_named_with_the_supported_ones(version):
     assert version_problem(version) == (
-        f"loopwatch: mcp {version} found; supported: {loopwatch.servers.SUPPORTED}. The server runs unwatched."
+        f"mcp {version} found; supported: {loopwatch.servers.SUPPORTED}. The server runs unwatched."
     )
 
 

@@ -115,7 +115,7 @@ def announce_dir() -> Path | None:
             continue
         if private_dir(path):
             return path
-        logger.warning("loopwatch: %s is not a private directory of this user; not announcing there", path)
+        logger.warning("%s is not a private directory of this user; not announcing there", path)
     return None
 
 
@@ -242,17 +242,17 @@ class Announcement:
         except FileNotFoundError:
             pass
         except OSError as exc:
-            logger.debug("loopwatch: cannot remove %s: %s", self.path, exc)
+            logger.debug("cannot remove %s: %s", self.path, exc)
 
     # -- the thread --------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
             listener = self._listen()
         except _StoppedFirst:  # a server that ran for less than its set-up took: nothing went wrong
-            logger.debug("loopwatch: the server stopped before its announcement at %s was up", self.path)
+            logger.debug("the server stopped before its announcement at %s was up", self.path)
             return
         except OSError as exc:
-            logger.warning("loopwatch: cannot announce this server at %s: %s", self.path, exc)
+            logger.warning("cannot announce this server at %s: %s", self.path, exc)
             return
         finally:
             self.started.set()
@@ -332,7 +332,7 @@ class Announcement:
                 return {"ok": True, "name": self.name, "pid": os.getpid(),
                         "blocks": [e.to_dict() for e in list(self.log.blocks)]}
         except Exception as exc:  # a bug here must not end the reader's connection, nor the server
-            logger.debug("loopwatch: announcement answer failed", exc_info=True)
+            logger.debug("announcement answer failed", exc_info=True)
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         return {"ok": False, "error": f"unknown op {op!r}; known: state, profile, events"}
 
@@ -494,7 +494,7 @@ class AnnounceIntegration:
     def start(self) -> None:
         directory = announce_dir()
         if directory is None:
-            logger.warning("loopwatch: no private directory to announce this server in; `loopwatch top` "
+            logger.warning("no private directory to announce this server in; `loopwatch top` "
                            "will not see it (set XDG_RUNTIME_DIR, or pass --no-announce)")
             return
         self.current = Announcement(self.handle, directory, self.log)
@@ -634,6 +634,6 @@ def clean(path: Path) -> bool:
     except FileNotFoundError:
         return False
     except OSError as exc:
-        logger.debug("loopwatch: cannot remove stale %s: %s", path, exc)
+        logger.debug("cannot remove stale %s: %s", path, exc)
         return False
     return True

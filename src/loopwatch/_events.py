@@ -212,7 +212,7 @@ class Listeners:
             try:
                 listener(event)
             except Exception:
-                logger.exception("loopwatch listener %r raised; it is removed", listener)
+                logger.exception("listener %r raised; it is removed", listener)
                 self.remove(listener)
 
 
@@ -269,12 +269,12 @@ class JsonLinesWriter:
                 self._append(line)
             except OSError as exc:
                 if not self._failed:
-                    logger.error("loopwatch cannot write events to %s: %s (further failures are silent)",
+                    logger.error("cannot write events to %s: %s (further failures are silent)",
                                  self.path, exc)
                 self._failed = True
                 return
             if self._failed:
-                logger.warning("loopwatch writes events to %s again", self.path)
+                logger.warning("writes events to %s again", self.path)
             self._failed = False
 
     def _append(self, line: bytes) -> None:

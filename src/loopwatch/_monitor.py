@@ -285,7 +285,7 @@ class Monitor:
             try:
                 hook()
             except Exception:
-                logger.exception("loopwatch %s hook %r raised; the server goes on without it", what, hook)
+                logger.exception("%s hook %r raised; the server goes on without it", what, hook)
 
     def _start(self) -> Heartbeat:
         opts = self.options
@@ -336,7 +336,7 @@ class Monitor:
         watchdog = self._watchdog
         if watchdog is None or watchdog.is_alive() or watchdog.stopping:
             return
-        logger.error("loopwatch watchdog thread died; starting a new one (blocks during the gap were missed)")
+        logger.error("watchdog thread died; starting a new one (blocks during the gap were missed)")
         self._watchdog = Watchdog(
             watchdog.detector, housekeeping=self.pump, watched=watchdog.watched, timer=watchdog.timer
         )
@@ -403,7 +403,7 @@ class Monitor:
             try:
                 hook(*args)
             except Exception:
-                logger.exception("loopwatch hook %r raised; it is removed", hook)
+                logger.exception("hook %r raised; it is removed", hook)
                 hooks.remove(hook)
 
     def _dispatch(self, event: Event) -> None:

@@ -165,7 +165,7 @@ class LoopRef:
                 try:
                     callback()
                 except Exception:  # one bad item must not close the loop's entry for every later call
-                    logger.exception("loopwatch: a cross-loop callback raised")
+                    logger.exception("a cross-loop callback raised")
         finally:
             self.serving = False
             self.close("the loop this was sent to stopped")
@@ -251,7 +251,7 @@ class _Worker:
         try:
             anyio.run(self._main, backend=backend, backend_options=backend_options)
         except BaseException:
-            logger.exception("loopwatch: an offload worker loop died; the next call starts a new one")
+            logger.exception("an offload worker loop died; the next call starts a new one")
         finally:
             self._ready.set()
             if self.ref is not None:
@@ -642,14 +642,14 @@ class Offloader:
         if tool in self.offloaded:
             return
         if not self._can_move(tool):
-            logger.info("loopwatch: tool %s stays on the loop: %s", tool, "not a tool loopwatch can move")
+            logger.info("tool %s stays on the loop: %s", tool, "not a tool loopwatch can move")
             return
         why_not = self._obstacle(tool)
         if why_not is not None and not insist:
             self._keep(tool, why_not, blocks)
             return
         if why_not is not None:
-            logger.warning("loopwatch: tool %s moves off the loop as its policy insists, though %s", tool, why_not)
+            logger.warning("tool %s moves off the loop as its policy insists, though %s", tool, why_not)
         self.offloaded[tool] = reason
         self._swap_fn(tool)
         self.monitor.post(OffloadEvent(time=time.time(), tool=tool, action="offloaded", reason=reason, blocks=blocks,
@@ -679,7 +679,7 @@ class Offloader:
             if tool in self.pinned:
                 return
             self.pinned[tool] = reason
-        logger.warning("loopwatch: tool %s blocks the loop but stays on it: %s", tool, reason)
+        logger.warning("tool %s blocks the loop but stays on it: %s", tool, reason)
         self.monitor.post(OffloadEvent(time=time.time(), tool=tool, action="pinned", reason=reason, blocks=blocks))
         self._save_state()
 
@@ -717,7 +717,7 @@ class Offloader:
             if isinstance(exc, anyio.get_cancelled_exc_class()):
                 job.cancel()
             elif isinstance(exc, LoopGone):
-                logger.error("loopwatch: a moved call of %s could not finish: %s", tool, exc)
+                logger.error("a moved call of %s could not finish: %s", tool, exc)
                 return self._error_answer(exc)
             else:
                 self._pin_if_bound(tool, exc)
@@ -744,7 +744,7 @@ class Offloader:
             return
         reason = (f"a moved call failed with {type(exc).__name__} on a {type(bound).__qualname__} bound to the "
                   "server's loop; that call got its error, later calls run on the loop")
-        logger.warning("loopwatch: tool %s is pinned to the loop: %s", tool, reason)
+        logger.warning("tool %s is pinned to the loop: %s", tool, reason)
         self._pin(tool, reason)
 
     def _in_tool_code(self, tool: str, where: list[tuple[str, str]]) -> bool:
@@ -801,7 +801,7 @@ class Offloader:
                 state = json.load(file)
             tools = _state_tools(state)
         except (OSError, ValueError) as exc:
-            logger.error("loopwatch: cannot read offload state %s: %s (starting fresh)", path, _one_line(exc))
+            logger.error("cannot read offload state %s: %s (starting fresh)", path, _one_line(exc))
             return
         if self.options.offload != "auto":
             return  # what earlier runs moved by themselves are automatic moves: off makes none
@@ -830,7 +830,7 @@ class Offloader:
             if tmp is not None:  # a full disk or a directory where the file should be: no temp file left behind
                 with contextlib.suppress(OSError):
                     os.unlink(tmp.name)
-            logger.error("loopwatch: cannot write offload state %s: %s", path, exc)
+            logger.error("cannot write offload state %s: %s", path, exc)
 
     def snapshot(self) -> dict[str, Any]:
         return {

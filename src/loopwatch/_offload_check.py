@@ -55,7 +55,7 @@ def obstacle(fn: Any) -> str | None:
             if kind is not None:
                 return f"it uses {where}, {kind}"
     except Exception:  # an odd object must never stop a decision: judge it movable, as before the check
-        logger.debug("loopwatch: could not inspect %r for loop-bound objects", fn, exc_info=True)
+        logger.debug("could not inspect %r for loop-bound objects", fn, exc_info=True)
     return None
 
 

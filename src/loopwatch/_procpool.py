@@ -179,7 +179,7 @@ class WorkerProcess:
             timer.daemon = True
             timer.start()
             return
-        logger.warning("loopwatch: tool %s did not stop within %.1f s of its cancellation; its worker process "
+        logger.warning("tool %s did not stop within %.1f s of its cancellation; its worker process "
                        "is killed and replaced", call.tool, waited)
         self.kill()
 
@@ -197,7 +197,7 @@ class WorkerProcess:
         except (EOFError, OSError):
             pass
         except Exception:
-            logger.exception("loopwatch: reading a worker process failed; it is replaced")
+            logger.exception("reading a worker process failed; it is replaced")
             self.process.kill()
         self._died()
 
@@ -344,7 +344,7 @@ class ProcessPool:
         if self.failed:
             return
         self.failed = text
-        logger.error("loopwatch: the offload process pool cannot start: %s; its tools run on threads", text)
+        logger.error("the offload process pool cannot start: %s; its tools run on threads", text)
         if self.on_failure is not None:
             self.on_failure(text)
 
@@ -433,7 +433,7 @@ class ProcessOffload:
         why = self.can_move(tool)
         off = self.offloader
         if why is not None:
-            logger.warning("loopwatch: tool %s cannot run in a process: %s; it runs on a thread", tool, why)
+            logger.warning("tool %s cannot run in a process: %s; it runs on a thread", tool, why)
             with off._lock:
                 off.policies[tool] = "always"
             off._offload(tool, f"{reason}; cannot run in a process ({why})", blocks)
@@ -461,7 +461,7 @@ class ProcessOffload:
         with off._lock:
             off.policies[tool] = "always"
         self.pinned[tool] = reason
-        logger.warning("loopwatch: tool %s is pinned to threads: %s", tool, reason)
+        logger.warning("tool %s is pinned to threads: %s", tool, reason)
         off.monitor.post(OffloadEvent(time=time.time(), tool=tool, action="pinned", reason=reason,
                                       blocks=off._blocks.get(tool, 0), executes="thread"))
         off._save_state()
@@ -503,8 +503,8 @@ class ProcessOffload:
         else:
             advice = f"--offload-policy {tool}={'process'} would cure it"
         text = f"{tool} is CPU-bound ({took}): on a thread it still takes the GIL from the loop; {advice}"
-        logger.warning("loopwatch: %s", text)
-        # Advice, not a decision: the move to a thread was told (and counted) when it was made.
+        # Advice, not a decision: the move to a thread was told (and counted) when it was made. The event's own
+        # line (the block log's) says it: no second line here.
         off.monitor.post(OffloadEvent(time=time.time(), tool=tool, action="advised", reason=text,
                                       blocks=off._blocks.get(tool, 0), executes="thread"))
 

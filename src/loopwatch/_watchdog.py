@@ -892,7 +892,7 @@ class Watchdog:
         if self.timer is not None:
             self.timer = None
             self.detector.timer = False
-            logger.warning("loopwatch: the stall timer failed; the watchdog looks every threshold period instead")
+            logger.warning("the stall timer failed; the watchdog looks every threshold period instead")
             self._sleeper.wake()
 
     def _run(self) -> None:
@@ -911,7 +911,7 @@ class Watchdog:
                 if self._stop.is_set():
                     break
                 if not self.watched():
-                    logger.warning("loopwatch: the watched loop closed without ending the watch; the watchdog stops")
+                    logger.warning("the watched loop closed without ending the watch; the watchdog stops")
                     break
                 wait = self._step()
                 self.due_at = time.monotonic() + wait
@@ -932,5 +932,5 @@ class Watchdog:
         except Exception:
             self._failures += 1
             if self._failures <= 3 or self._failures % 1000 == 0:
-                logger.exception("loopwatch watchdog step failed (%d so far); it goes on", self._failures)
+                logger.exception("watchdog step failed (%d so far); it goes on", self._failures)
             return self.detector.poll_interval

@@ -142,7 +142,7 @@ def _monitor_class() -> type:
                 super()._ui_main()
             except BaseException as exc:
                 if self._ui_started.is_set():
-                    logger.error("loopwatch: the aiomonitor console stopped: %s: %s", type(exc).__name__, exc)
+                    logger.error("the aiomonitor console stopped: %s: %s", type(exc).__name__, exc)
                 self.failure = exc
                 self._ui_started.set()
 
@@ -308,7 +308,7 @@ class _Console:
         except Exception as exc:
             self.error = exc
             self.closed.set()
-            logger.error("loopwatch: no aiomonitor console: %s", exc)
+            logger.error("no aiomonitor console: %s", exc)
         finally:
             self.started.set()
 
@@ -339,7 +339,7 @@ class _Console:
             if self.aiomonitor is not None and not self.aiomonitor.closed:
                 self.aiomonitor.close()
         except Exception as exc:
-            logger.debug("loopwatch: closing the aiomonitor console: %s", exc)
+            logger.debug("closing the aiomonitor console: %s", exc)
         finally:
             self.closed.set()
 
@@ -360,7 +360,7 @@ class ConsoleIntegration:
         loop = _running_asyncio_loop(monitor)
         if loop is None:
             logger.warning(
-                "loopwatch: the aiomonitor console is asyncio-only; %s runs on %s and goes on without it",
+                "the aiomonitor console is asyncio-only; %s runs on %s and goes on without it",
                 *(server_name(self.handle), monitor.backend or "an unknown event loop"),
             )
             return
@@ -375,12 +375,12 @@ class ConsoleIntegration:
         self.console = console
         if not fresh:
             where = f"{console.host}:{console.port}"
-            logger.info("loopwatch: %s joins the aiomonitor console at %s", server_name(self.handle), where)
+            logger.info("%s joins the aiomonitor console at %s", server_name(self.handle), where)
             return
         if self.warning:
-            logger.warning("loopwatch: %s", self.warning)
+            logger.warning("%s", self.warning)
         elif self.handle.options.monitor_console:
-            logger.warning("loopwatch: the aiomonitor REPL is on: any local user can run code in this server")
+            logger.warning("the aiomonitor REPL is on: any local user can run code in this server")
         console.start()
 
     def _locals(self) -> dict[str, Any]:
@@ -750,7 +750,7 @@ def answer(aiomonitor: Any, body: Callable[..., str], **arguments: Any) -> str:
     try:
         return body(handles, **arguments)
     except Exception as exc:
-        logger.debug("loopwatch console command failed", exc_info=True)
+        logger.debug("console command failed", exc_info=True)
         return f"✗ {type(exc).__name__}: {exc}"
 
 

@@ -141,7 +141,7 @@ class LoopwatchMiddleware:
     def _drop_hook(self, hook: CallHook) -> None:
         """A hook that raises never reaches the call: it is logged once and removed."""
         if hook in self.hooks:
-            logger.exception("loopwatch call hook %r raised; it is removed", hook)
+            logger.exception("call hook %r raised; it is removed", hook)
             self.remove_hook(hook)
 
     def add_hook(self, hook: CallHook) -> None:
@@ -306,7 +306,7 @@ class Handle:
                 try:
                     close()
                 except Exception:  # one failing integration must not keep the others (and their threads) alive
-                    logger.exception("loopwatch: closing %r raised; the other integrations still close", extension)
+                    logger.exception("closing %r raised; the other integrations still close", extension)
         self.extensions.clear()
         self.monitor.stop_watching()  # a running server is no longer watched from now on, not from its end
 
@@ -323,7 +323,7 @@ def instrument(server: Any, **options: Any) -> Handle:
     existing = getattr(adapter.lowlevel, _ATTR, None)
     if existing is not None:
         if options and Options.build(**options) != existing.options:
-            logger.warning("loopwatch: server already instrumented; the new options are ignored")
+            logger.warning("server already instrumented; the new options are ignored")
         return existing
     opts = Options.build(**options)
     monitor = Monitor(opts, ToolNames(opts.max_tools, adapter.registered()))

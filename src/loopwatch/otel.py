@@ -278,7 +278,7 @@ class RequestSpanMiddleware:
                 span_name(call), context=parent_context(ctx), kind=SpanKind.SERVER, attributes=request_attributes(ctx)
             )
         except Exception:
-            logger.exception("loopwatch could not open a request span")
+            logger.exception("could not open a request span")
             return await call_next(ctx)
         if span.is_recording():
             call.span = span
@@ -329,7 +329,7 @@ def enter_framework_span(span: Any) -> Iterator[None]:
         added = request_attributes(slot.ctx)
         span.set_attributes({k: added[k] for k in _ADDED_TO_FRAMEWORK_SPANS if k in added})
     except Exception:
-        logger.exception("loopwatch could not enrich a request span")
+        logger.exception("could not enrich a request span")
     try:
         yield
     finally:
@@ -434,7 +434,7 @@ class SpanCloser:
         try:
             self._finish(call, span, own)
         except Exception:
-            logger.exception("loopwatch could not finish a request span")
+            logger.exception("could not finish a request span")
 
     def _finish(self, call: CallRecord, span: Any, own: bool) -> None:
         span.set_attributes(final_attributes(call))
@@ -512,7 +512,7 @@ class SpanCloser:
             if end_ns is not None:
                 pending.real_end(end_ns)
         except Exception:
-            logger.exception("loopwatch could not end a request span")
+            logger.exception("could not end a request span")
 
 
 # -- blocks and offload decisions, on the watchdog thread ----------------------------------------

@@ -518,7 +518,7 @@ class FlushFirst:
         try:
             self._flush()
         except Exception:  # a scrape still answers with what is recorded
-            logger.exception("loopwatch: recording queued requests before a scrape failed")
+            logger.exception("recording queued requests before a scrape failed")
 
 
 def metrics_route(path: str, registry: Any) -> Any:
@@ -558,7 +558,7 @@ def start_endpoint(host: str, port: int, registry: Any) -> Endpoint | None:
         reason = exc.strerror or str(exc)
         if multiprocess_dir() is not None:
             logger.warning(
-                "loopwatch: metrics port %s:%s is taken (%s); in multiprocess mode the process holding it "
+                "metrics port %s:%s is taken (%s); in multiprocess mode the process holding it "
                 "serves every process's metrics. The MCP server keeps running.",
                 host,
                 port,
@@ -566,14 +566,14 @@ def start_endpoint(host: str, port: int, registry: Any) -> Endpoint | None:
             )
         else:
             logger.error(
-                "loopwatch cannot serve metrics on http://%s:%s/metrics: %s. The MCP server keeps running "
+                "cannot serve metrics on http://%s:%s/metrics: %s. The MCP server keeps running "
                 "without a metrics endpoint; choose another --metrics-port (0 picks a free one).",
                 host,
                 port,
                 reason,
             )
         return None
-    logger.info("loopwatch serves Prometheus metrics on http://%s:%s/metrics", _url_host(host), endpoint.port)
+    logger.info("serves Prometheus metrics on http://%s:%s/metrics", _url_host(host), endpoint.port)
     return endpoint
 
 
@@ -664,9 +664,9 @@ def serve_multiprocess(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--dir", default=multiprocess_dir(), help="default: $PROMETHEUS_MULTIPROC_DIR")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="loopwatch: %(message)s")
     if not args.dir or not os.path.isdir(args.dir):
-        logger.error("loopwatch: no multiprocess directory: set PROMETHEUS_MULTIPROC_DIR or pass --dir")
+        logger.error("no multiprocess directory: set PROMETHEUS_MULTIPROC_DIR or pass --dir")
         return 2
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = args.dir
     endpoint = start_endpoint(args.host, args.port, exposition_registry())

@@ -42,7 +42,7 @@ def watch_created(server: Any) -> bool:
     try:
         options = options_from_env()
     except UsageError as exc:
-        logger.error("loopwatch: %s; server %r runs unwatched", exc, name)
+        logger.error("%s; server %r runs unwatched", exc, name)
         return False
     _configure_tracing(name)
     policies = options["tool_policies"]
@@ -52,7 +52,7 @@ def watch_created(server: Any) -> bool:
     if handle is None:
         return False
     _apply_policies_at_start(handle, later)
-    logger.info("loopwatch watches server %r in pid %d (threshold %.0f ms)", name, os.getpid(),
+    logger.info("watches server %r in pid %d (threshold %.0f ms)", name, os.getpid(),
                 options["threshold"] * 1000)
     return True
 
@@ -78,7 +78,7 @@ def _configure_tracing(name: str) -> None:
 
         configure_from_env(service_name=name)
     except Exception as exc:  # OptionError (no opentelemetry), an exporter that fails: traces off, server runs
-        logger.error("loopwatch: no traces for server %r: %s", name, exc)
+        logger.error("no traces for server %r: %s", name, exc)
 
 
 def _instrument(server: Any, name: str, options: dict[str, Any]) -> Any:
@@ -91,12 +91,12 @@ def _instrument(server: Any, name: str, options: dict[str, Any]) -> Any:
         except MissingExtra as exc:
             extra = _extra_of(exc)
             if extra is None:
-                logger.error("loopwatch: cannot watch server %r: %s; it runs unwatched", name, exc)
+                logger.error("cannot watch server %r: %s; it runs unwatched", name, exc)
                 return None
-            logger.error("loopwatch: %s (in %s); server %r is watched without it", exc, _python(), name)
+            logger.error("%s (in %s); server %r is watched without it", exc, _python(), name)
             options = {**options, **EXTRA_OPTIONS[extra]}
         except Exception as exc:  # TypeError: not a server loopwatch supports here; OptionError; OSError
-            logger.error("loopwatch: cannot watch server %r: %s; it runs unwatched", name, exc)
+            logger.error("cannot watch server %r: %s; it runs unwatched", name, exc)
             return None
     return None
 

@@ -84,7 +84,7 @@ def version_problem(version: str) -> str:
     """The one line for an SDK loopwatch can't watch, or "" when it can."""
     if version == "unknown" or (1, 24) <= version_tuple(version) < (3,):
         return ""
-    return f"loopwatch: mcp {version} found; supported: {SUPPORTED}. The server runs unwatched."
+    return f"mcp {version} found; supported: {SUPPORTED}. The server runs unwatched."
 
 
 def adapter_for(server: Any, version: str | None = None) -> ServerAdapter:

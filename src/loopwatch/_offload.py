@@ -789,11 +789,9 @@ class Offloader:
         path = self.options.offload_state
         if not path:
             return
-        folder = os.path.dirname(path)
-        if not os.path.isdir(folder):  # refused at start, as --events is: a state never saved is a silent loss
-            from ._options import OptionError
+        from ._options import check_state_folder
 
-            raise OptionError(f"--offload-state {path}: the folder {folder} does not exist")
+        check_state_folder(path)  # refused at start, as --events is: a state never saved is a silent loss
         if not os.path.exists(path):
             return
         try:

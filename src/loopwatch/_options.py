@@ -132,6 +132,13 @@ def _resolve_path(options: Options, name: str) -> None:
     object.__setattr__(options, name, os.path.abspath(path))
 
 
+def check_state_folder(path: str) -> None:
+    """An offload state file goes in a folder that exists (checked at start, and by the launcher before its exec)."""
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise OptionError(f"--offload-state {path}: the folder {folder} does not exist")
+
+
 def _positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
         raise OptionError(f"{name} must be a positive number of seconds, not {value!r}")

@@ -224,6 +224,10 @@ def launch_command(args: argparse.Namespace, command: list[str] | None, given: S
     if problem is not None:
         print(f"usage: {RUN_USAGE}\nloopwatch run: error: {problem}", file=sys.stderr)
         return 2
+    refused = refused_option(args)
+    if refused is not None:  # the line and the exit status `run TARGET` gives, before the command runs
+        print(f"loopwatch: {refused}", file=sys.stderr)
+        return 2
     values = vars(args)
     options = {}
     for name, flags, _ in RUN_OPTIONS:
@@ -233,6 +237,29 @@ def launch_command(args: argparse.Namespace, command: list[str] | None, given: S
                 value = os.path.abspath(value)  # the command may change directory
             options[_env_name(flags[0])] = option_text(value)
     return launch(command, options, debug=args.debug)
+
+
+def refused_option(args: argparse.Namespace) -> str | None:
+    """What `instrument()` refuses at start, checked by the launcher before its exec, as `run TARGET` checks it:
+    a value out of range, an events file that cannot be appended to (created, as a watched server creates it),
+    an offload state file in no folder, a console on a remote address. An integration missing from this Python
+    is not refused: the command's own Python may have it."""
+    from ._events import JsonLinesWriter
+    from ._options import OptionError, Options, check_state_folder
+
+    try:
+        options = Options.build(**run_options(args))
+        if options.events:
+            JsonLinesWriter(options.events)
+        if options.offload_state:
+            check_state_folder(options.offload_state)
+        if options.monitor:
+            from .aiomonitor import check_options
+
+            check_options(options)
+    except (OptionError, OSError) as exc:
+        return str(exc)
+    return None
 
 
 def run_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from e2e.launching import LOOPWATCH, run, session_answers, stdio, wrapped
+from e2e.launching import LOOPWATCH, SH, run, session_answers, stdio, wrapped
 
 from helpers import FIXTURES, read_events
 
@@ -393,3 +393,30 @@ async def test_a_launched_stdio_server_announces_itself_as_stdio(tmp_path):
     with anyio.fail_after(60):
         await session_answers(params, "legacy", [("ping", {"n": 1})], during=ask)
     assert listed["name"] == "announced" and listed["transport"] == "stdio"
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--events", "/nonexistent/dir/events.jsonl"], "--events /nonexistent/dir/events.jsonl: cannot append events"),
+    (["--offload-state", "/nonexistent/dir/state.json"], "--offload-state /nonexistent/dir/state.json: the folder"),
+    (["--monitor", "--monitor-host", "10.1.2.3"], "monitor_host '10.1.2.3' is not a loopback address"),
+])
+def test_an_option_run_target_refuses_is_refused_before_the_command_runs_with_the_same_line(tmp_path, flags, says):
+    marker = tmp_path / "ran"
+    launched = run(wrapped([PY, "-c", f"open({str(marker)!r}, 'w')"], *flags))
+    target = run([*LOOPWATCH, "run", *flags, str(FIXTURES / "inventory_server.py")])
+    assert (launched.returncode, target.returncode) == (2, 2) and not marker.exists()
+    [line] = launched.stderr.decode().splitlines()
+    assert line.startswith(f"loopwatch: {says}") and launched.stderr == target.stderr
+    assert launched.stdout == b""
+
+
+def test_a_server_made_but_not_watched_says_so_once_and_never_that_it_created_none():
+    """An option only the command's process can find bad (here the command sets a variable itself)."""
+    code = "from mcp.server.mcpserver import MCPServer; MCPServer('calculator')"
+    command = [SH, "-c", 'LOOPWATCH_EVENTS=/nonexistent/dir/x.jsonl exec "$0" "$@"', PY, "-c", code]
+    done = run(wrapped(command))
+    err = done.stderr.decode()
+    assert done.returncode == 0, err
+    [line] = [line for line in err.splitlines() if "loopwatch" in line]
+    assert "cannot watch server 'calculator': --events /nonexistent/dir/x.jsonl" in line and "unwatched" in line
+    assert "loopwatch ERROR loopwatch" not in line

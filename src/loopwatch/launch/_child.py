@@ -49,7 +49,7 @@ def watch_created(server: Any) -> bool:
     later = {tool: policy for tool, policy in policies.items() if policy in ("always", "process")}
     now = {tool: "auto" if tool in later else policy for tool, policy in policies.items()}  # keeps the offloader
     handle = _instrument(server, name, {**options, "tool_policies": now})
-    if handle is None:
+    if handle is None or not handle.adapter.supported:  # instrument() said why, in one line
         return False
     _apply_policies_at_start(handle, later)
     logger.info("watches server %r in pid %d (threshold %.0f ms)", name, os.getpid(),

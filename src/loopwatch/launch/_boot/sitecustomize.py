@@ -97,7 +97,7 @@ def _patch_module(module, classes):
                 _say(f"loopwatch: cannot hook {module.__name__}.{name} ({exc}); servers of it run unwatched")
 
 
-_state = {"depth": None, "watched": False}
+_state = {"depth": None, "found": False}
 
 
 def _wrap_init(cls):
@@ -126,12 +126,14 @@ def _wrap_init(cls):
 
 
 def _created(server):
-    """A server object was made: watch it (never raising into the program that made it)."""
+    """A server object was made: watch it (never raising into the program that made it). Watched or not, the
+    command made one: one that cannot be watched says so itself, in one line, and "watched nothing" is not said."""
+    _state["found"] = True
+    _record_found()
     try:
         watch = _import_watcher()
-        if watch is not None and watch(server):
-            _state["watched"] = True
-            _record_watched()
+        if watch is not None:
+            watch(server)
     except Exception as exc:
         _say(f"loopwatch: cannot watch this server ({type(exc).__name__}: {exc}); it runs unwatched")
 
@@ -189,7 +191,7 @@ def _say(line):
         pass
 
 
-# -- "watched nothing", said once, by the first Python process of the command --------------------------------
+# -- "watched nothing", said once, by the first Python process of the command, when none made a server --------
 
 
 def _record_path():
@@ -198,8 +200,8 @@ def _record_path():
     return os.path.join(folder, f"{top}.watched") if folder and top else None
 
 
-def _record_watched():
-    """Tell the command's first Python process that a server was watched (this one may be its child)."""
+def _record_found():
+    """Tell the command's first Python process that a server was made (this one may be its child)."""
     path = _record_path()
     if path is not None:
         try:
@@ -212,14 +214,14 @@ def _at_exit_of_top(pid):
     if os.getpid() != pid:  # a forked child inherits the handler
         return
     path = _record_path()
-    watched = _state["watched"]
+    found = _state["found"]
     if path is not None:
         try:
             os.unlink(path)
-            watched = True
+            found = True
         except OSError:
             pass
-    if not watched:
+    if not found:
         _say("loopwatch: watched nothing: %s created no MCP server (mcp Server, MCPServer or FastMCP)"
              % (os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "the command"))
 

@@ -1,5 +1,6 @@
 """`loopwatch run`: bad input gets one clear line and exit code 2; targets are found the way `mcp run` finds them."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -129,3 +130,16 @@ def test_the_version_and_help_work_without_a_target(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert "loopwatch" in capsys.readouterr().out
+
+
+def test_run_help_shows_defaults_as_they_are_typed_never_python_reprs():
+    done = run_cli("run", "--help", env={"COLUMNS": "200", "LOOPWATCH_OFFLOAD_POLICY": "calculate=process"})
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    defaults = re.findall(r"\(env LOOPWATCH_\w+(?:; default ([^)]*))?\)", text)
+    assert len(defaults) > 25 and not [d for d in defaults if d in ("None", "False", "True", "{}")], defaults
+    assert "--events FILE append every event as a JSON line (env LOOPWATCH_EVENTS) " in text
+    assert "lw- commands (env LOOPWATCH_MONITOR; default no) " in text
+    assert "process, auto (env LOOPWATCH_OFFLOAD_POLICY; default calculate=process) " in text
+    assert "0: never (env LOOPWATCH_EVENTS_MAX_BYTES; default 50MB) " in text
+    assert "seconds of stall that count (env LOOPWATCH_THRESHOLD; default 0.1) " in text

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
-from ._options import CLI_OPTIONS, _flag, positive_count
+from ._options import CLI_OPTIONS, _flag, byte_size, positive_count
 
 logger = logging.getLogger("loopwatch")
 
@@ -112,8 +112,22 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                 choices = ", ".join(kwargs["choices"])
                 raise UsageError(f"{env_name}={env}: expected one of {choices}")
         help_text = kwargs.pop("help", "")
-        env_help = f"(env {env_name}; default {kwargs.get('default')})"
+        default = default_text(kwargs.get("default"), kwargs.get("type"))
+        env_help = f"(env {env_name}" + (f"; default {default})" if default else ")")
         parser.add_argument(*flags, dest=name, help=f"{help_text} {env_help}".strip(), **kwargs)
+
+
+def default_text(value: Any, kind: Any = None) -> str:
+    """A default as `--help` shows it: as it is typed (yes/no, TOOL=POLICY, 50MB), nothing for unset ones."""
+    if kind is byte_size and isinstance(value, int) and value and value % 1_000_000 == 0:
+        return f"{value // 1_000_000}MB"
+    if value is None or value == {}:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dict):
+        return ",".join(f"{key}={item}" for key, item in value.items())
+    return str(value)
 
 
 RUN_USAGE = "loopwatch run [OPTIONS] -- COMMAND [ARGS...]\n       loopwatch run [OPTIONS] TARGET"

@@ -8,7 +8,7 @@ import importlib.util
 import inspect
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -244,17 +244,35 @@ def _required_params(fn: Any) -> list[str]:
 # -- running ------------------------------------------------------------------------------------------
 
 
-async def serve(server: Any, transport: str, host: str, port: int, extra_routes: list[Any] | None = None) -> None:
+async def serve(server: Any, transport: str, host: str, port: int, extra_routes: list[Any] | None = None,
+                listening: Callable[[str], None] | None = None) -> None:
+    """Serve `server`; over HTTP, `listening(url)` is called once the port is bound (the URL a client connects to)."""
     if transport == "stdio":
         await _serve_stdio(server)
         return
     app = http_app(server, transport, host)
+    path = endpoint_path(app)
     for route in extra_routes or ():
         app.router.routes.append(route)
     import uvicorn
 
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if listening is not None and self.started and self.servers and self.servers[0].sockets:
+                bound = self.servers[0].sockets[0].getsockname()[1]  # the port 0 picked
+                listening(f"http://{f'[{host}]' if ':' in host else host}:{bound}{path}")
+
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
-    await uvicorn.Server(config).serve()
+    await Server(config).serve()
+
+
+def endpoint_path(app: Any) -> str:
+    """The path a client connects to: the app's first plain route (`/mcp`; `/sse`, before its `/messages` mount)."""
+    for route in getattr(app, "routes", ()):
+        if type(route).__name__ == "Route" and isinstance(getattr(route, "path", None), str):
+            return route.path
+    return "/"
 
 
 async def _serve_stdio(server: Any) -> None:

@@ -323,13 +323,20 @@ def run_command(args: argparse.Namespace) -> int:
         return 2
     import anyio
 
-    if handle.adapter.supported:  # otherwise instrument() said, in one line, why the server runs unwatched
-        logger.info("watching %s over %s (threshold %.0f ms)", args.target, args.transport, args.threshold * 1000)
+    threshold_ms = args.threshold * 1000
+
+    def listening(url: str) -> None:  # over HTTP: once the port is bound (--port 0 picks one), with the URL
+        if handle.adapter.supported:
+            logger.info("watching %s over %s at %s (threshold %.0f ms)", args.target, args.transport, url,
+                        threshold_ms)
+
+    if handle.adapter.supported and args.transport == "stdio":  # else instrument() said why it runs unwatched
+        logger.info("watching %s over %s (threshold %.0f ms)", args.target, args.transport, threshold_ms)
     if args.metrics_path and args.transport == "stdio":
         logger.warning("--metrics-path %s is ignored under stdio (there is no HTTP app to add it to): "
                        "use --metrics-port", args.metrics_path)
     try:
-        anyio.run(serve, server, args.transport, args.host, args.port, handle.routes)
+        anyio.run(serve, server, args.transport, args.host, args.port, handle.routes, listening)
     except KeyboardInterrupt:
         raise  # as from the bare server: Python ends the process by the signal itself (a shell sees SIGINT)
     except Exception as exc:

@@ -186,7 +186,8 @@ async def test_top_shows_the_stuck_server_first_with_its_call_and_line_while_it_
 
 
 async def test_ls_and_top_once_list_the_servers_and_a_killed_servers_socket_is_removed(runtime):
-    env = {**os.environ, "XDG_RUNTIME_DIR": runtime}
+    # the cache folder too: readers also look in ~/.cache/loopwatch/run, where servers without XDG_RUNTIME_DIR are
+    env = {**os.environ, "XDG_RUNTIME_DIR": runtime, "XDG_CACHE_HOME": os.path.join(runtime, "cache")}
     server = subprocess.Popen(
         [sys.executable, "-m", "loopwatch", "run", str(SERVER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL, env={**env, "STUCK_SERVER_NAME": "doomed"},

@@ -180,7 +180,7 @@ class Monitor:
                 if not started.done():
                     started.set_exception(exc)
                 elif left:
-                    logger.error("loopwatch: the watch failed as it ended", exc_info=exc)
+                    logger.error("the watch failed as it ended", exc_info=exc)
                 else:
                     failed.append(exc)
                     body.cancel()

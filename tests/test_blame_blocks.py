@@ -109,6 +109,26 @@ async def test_under_an_installed_package_the_culprit_is_its_own_innermost_line_
     )
 
 
+async def pinging_through(client, tool: str, args: dict, most: int = 2000) -> int:
+    """Call `tool` and keep one honest call after another in flight until it answers (at most `most`): the
+    loop always has a request to serve while the tool runs off it, so a stall of the loop there delays one."""
+    done = anyio.Event()
+
+    async def run_tool() -> None:
+        try:
+            await client.call_tool(tool, args)
+        finally:
+            done.set()
+
+    pings = 0
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_tool)
+        while not done.is_set() and pings < most:
+            await client.call_tool("ping", {"n": pings})
+            pings += 1
+    return pings
+
+
 async def offloaded_then(client, handle, tool: str, honest: int = 6):
     """Call `tool` once it runs off the loop, honest calls beside it."""
     with anyio.fail_after(60):
@@ -147,7 +167,12 @@ async def test_a_collection_an_offloaded_tool_triggers_is_blamed_on_it(anyio_bac
     )
     gc.collect()
     async with client_for(server) as client:
-        await offloaded_then(client, handle, "churn")
+        with anyio.fail_after(60):
+            await client.call_tool("ping", {})
+            # Pings go on while churn runs: a collection in its thread then holds up a request the loop has to
+            # serve (with only earlier pings, already answered, the loop would sleep through it unharmed).
+            await pinging_through(client, "churn", {})
+            await settle(handle.monitor)
     gcs = [e for e in blocks(handle) if e.kind == "gc"]
     charged = [e for e in gcs if e.offloaded]
     # The collection churn runs in its worker thread stops the loop: it is churn's. (Collections the loop

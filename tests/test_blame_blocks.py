@@ -57,13 +57,27 @@ async def test_a_native_call_holding_the_gil_is_named_by_the_line_that_made_it(a
     assert blocks(handle, "ping") == []
 
 
+def _rounds_for(seconds: float) -> int:
+    """How many rounds of blame_server.crunch's loop take about `seconds` on this machine at this moment."""
+    import hashlib
+    import time
+
+    digest, rounds, began = b"seed", 20_000, time.process_time()
+    for _ in range(rounds):
+        digest = hashlib.sha256(digest).digest()
+    spent = max(time.process_time() - began, 1e-4)
+    return max(150_000, int(rounds * seconds / spent))
+
+
 async def test_a_crunch_with_a_c_heavy_leaf_is_cpu_not_gil(anyio_backend):
     server = fresh("blame_server", "mcp")
     handle = loopwatch.instrument(server, threshold=0.1, log_blocks=False, traces=False, offload="off")
     async with client_for(server) as client:
         with anyio.fail_after(90):
             await client.call_tool("ping", {})
-            rounds = 150_000
+            # Sized to about three thresholds here and now: a block just over the threshold has a sample or two
+            # on a loaded machine, too few to tell a crunch from a wait (the test is of the kind, not the edge).
+            rounds = _rounds_for(0.3)
             while not [e for e in blocks(handle, "crunch") if e.kind != "gc"] and rounds < 2_000_000:
                 await beside(client, "crunch", {"rounds": rounds})  # a faster moment needs more to cross it
                 await settle(handle.monitor)

@@ -264,6 +264,21 @@ async def test_by_default_a_cpu_blocker_moves_to_a_thread_and_the_decision_says_
     handle.uninstrument()
 
 
+async def test_a_native_call_holding_the_gil_is_advised_a_process_and_moves_to_one_with_offload_cpu_process():
+    """A `gil` block (a native call that holds the GIL: a thread does not cure it either) gets the process cure."""
+    server, handle = wrapped(policies=())
+    strike(handle, "crunch", kind="gil", cpu_share=0.0)  # the watchdog could not sample: the GIL was held
+    [first, advice] = offload_events(handle, "crunch")
+    assert (first.action, advice.action) == ("offloaded", "advised")
+    assert "--offload-policy crunch=process would cure it" in advice.reason and "[gil]" in advice.reason
+    handle.uninstrument()
+    server, handle = wrapped(policies=(), offload_cpu="process")
+    strike(handle, "crunch", kind="gil", cpu_share=0.0)
+    moved = [e for e in offload_events(handle, "crunch") if e.executes == "process"]
+    assert moved and "[gil]" in moved[0].reason
+    handle.uninstrument()
+
+
 async def test_the_advice_to_use_a_process_is_not_a_second_offload_decision_in_the_metrics():
     """The advice came as a second `offloaded` event: loopwatch_tool_offload_decisions counted one move twice."""
     from prometheus_client import CollectorRegistry

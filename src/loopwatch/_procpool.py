@@ -481,18 +481,19 @@ class ProcessOffload:
         return event.cpu_s >= CPU_BOUND * fair_share * event.duration_s
 
     def on_block(self, event: Any, call: Any) -> None:
-        """A `cpu` block (watchdog thread): with --offload-cpu process the tool moves to a process now; otherwise
-        an `advised` event says that a process would cure it."""
+        """A `cpu` block, or a `gil` one (a native call holding the GIL, which it holds on a thread too)
+        (watchdog thread): with --offload-cpu process the tool moves to a process now; otherwise an `advised`
+        event says that a process would cure it."""
         off = self.offloader
-        if event.kind != "cpu" or call is None or call.method != "tools/call" or call.label != call.tool:
+        if event.kind not in ("cpu", "gil") or call is None or call.method != "tools/call" or call.label != call.tool:
             return
-        if not self._cpu_bound(event):
+        if event.kind == "cpu" and not self._cpu_bound(event):
             return
         tool = call.label
         if tool in self._advised or off.executes.get(tool) == "process" or tool not in off.offloaded:
             return
         self._advised.add(tool)
-        took = f"blocked the loop {event.duration_s * 1000:.0f} ms [cpu]"
+        took = f"blocked the loop {event.duration_s * 1000:.0f} ms [{event.kind}]"
         if off.options.offload_cpu == "process" and off.policies.get(tool, "auto") == "auto":
             why = self.can_move(tool)
             if why is None:

@@ -24,6 +24,13 @@ the bare server's too. "loopwatch core vs bare + parked thread" is what loopwatc
 "announce on vs off" compares the defaults with and without the announcement socket that `loopwatch top`
 reads. `--also MODULE` times another copy of loopwatch (an older release copied under another name, on
 PYTHONPATH; its core configuration, announcement on) in the same run.
+
+`--ablate` adds the core's pieces, each against bare in the same rounds (all with the announcement off):
+"pass-through middleware" (an `async def` that only awaits `call_next`: the SDK's price for any layer, a
+`partial`, its adapter and a coroutine per request), "loopwatch middleware only" (the core with its
+lifespan hook undone: no sentinel, no watchdog), "loopwatch watch only" (the core with its middleware taken
+out of the chain), "core, announce off" (both together), and "core, 50 ms beats" (`interval=0.05`). What
+the two pieces cost together above their sum is what one costs in the presence of the other.
 """
 
 from __future__ import annotations
@@ -89,7 +96,37 @@ async def _round(server: MCPServer, calls: int, cpu: list[float] | None, opened:
         return (time.perf_counter() - start) / calls
 
 
-async def main(rounds: int, calls: int, also: tuple[str, ...] = ()) -> None:
+ABLATIONS = (
+    "pass-through middleware",
+    "loopwatch middleware only",
+    "loopwatch watch only",
+    "core, announce off",
+    "core, 50 ms beats",
+)
+
+
+def ablations() -> dict[str, MCPServer]:
+    """The core's pieces apart (`--ablate`): see the docstring."""
+    servers = {name: make_server(name) for name in ABLATIONS}
+
+    async def pass_through(ctx, call_next):  # noqa: ANN001, ANN202
+        return await call_next(ctx)
+
+    chain = servers["pass-through middleware"].middleware  # in loopwatch's place: inside the SDK's OpenTelemetry
+    chain.insert(1 if chain and type(chain[0]).__name__ == "OpenTelemetryMiddleware" else 0, pass_through)
+    middleware_only = loopwatch.instrument(servers["loopwatch middleware only"], **CORE, announce=False)
+    middleware_only._lowlevel.lifespan = middleware_only._original_lifespan  # no watch: the middleware alone
+    watch_only = loopwatch.instrument(servers["loopwatch watch only"], **CORE, announce=False)
+    watch_only.adapter.remove(watch_only.middleware)  # the watch alone
+    loopwatch.instrument(servers["core, announce off"], **CORE, announce=False)
+    loopwatch.instrument(servers["core, 50 ms beats"], **CORE, announce=False, interval=0.05)
+    return servers
+
+
+CORE = {"traces": False, "log_blocks": False}
+
+
+async def main(rounds: int, calls: int, also: tuple[str, ...] = (), ablate: bool = False) -> None:
     bare = make_server("bare")
     bare_again = make_server("bare-again")
     core = make_server("core")
@@ -110,6 +147,8 @@ async def main(rounds: int, calls: int, also: tuple[str, ...] = ()) -> None:
         "bare-again": bare_again,
         "parked": parked,
     }
+    if ablate:
+        servers.update(ablations())
     for module_name in also:  # another copy of loopwatch under another name (an older release, a branch)
         other = make_server(module_name)
         importlib.import_module(module_name).instrument(other, traces=False, log_blocks=False)
@@ -138,6 +177,9 @@ async def main(rounds: int, calls: int, also: tuple[str, ...] = ()) -> None:
         report("loopwatch core vs bare + parked thread", table["parked"], table["core"])
         for module_name in also:
             report(f"{module_name} core vs bare", table["bare"], table[module_name])
+        if ablate:
+            for name in ABLATIONS:
+                report(f"{name} vs bare", table["bare"], table[name])
     print("session start (client open and initialize: the server's lifespan, loopwatch's start), not in the above:")
     report("loopwatch core vs bare", opened["bare"], opened["core"], added=True)
     report("loopwatch defaults vs bare", opened["bare"], opened["default"], added=True)
@@ -153,5 +195,6 @@ if __name__ == "__main__":
     parser.add_argument("--calls", type=int, default=400)
     parser.add_argument("--also", action="append", default=[], metavar="MODULE",
                         help="time MODULE.instrument() too: a copy of loopwatch under another name (compare versions)")
+    parser.add_argument("--ablate", action="store_true", help="time the core's pieces apart too (see above)")
     args = parser.parse_args()
-    anyio.run(main, args.rounds, args.calls, tuple(args.also))
+    anyio.run(main, args.rounds, args.calls, tuple(args.also), args.ablate)

@@ -528,6 +528,37 @@ def test_a_crunch_right_after_the_watch_starts_is_cpu_though_the_first_look_come
     assert [f.line for f in event.frames] == [15, 8]
 
 
+def test_start_returns_once_the_watchdog_thread_is_up_and_asleep(monkeypatch):
+    """Left to start beside a busy loop, the thread took the GIL back after each step of its start-up and the
+    loop's calls ran slower for the whole session after it (bench_overhead.py, announce off: 1.12-1.17 against
+    1.02-1.03). `start` waits, GIL released, until the thread sleeps (bounded: START_WAIT)."""
+    import time
+
+    from loopwatch import _watchdog
+    from loopwatch._watchdog import Watchdog
+
+    monkeypatch.setattr(_watchdog, "START_WAIT", 60.0)  # the bound is not what is tested: the wait is
+
+    class SlowStart(LongSleeper):
+        def __init__(self):
+            super().__init__()
+            self.hb = Heartbeat(0.01, 120.0)
+            self.started = False
+
+        def first_wait(self):
+            time.sleep(0.05)  # a start-up that gives the GIL up on the way
+            self.started = True
+            return 30.0
+
+    detector = SlowStart()
+    dog = Watchdog(detector)
+    dog.start()
+    try:
+        assert detector.started, "start() returned before the watchdog thread was up"
+    finally:
+        dog.stop(timeout=10)
+
+
 def test_a_late_beat_wakes_the_watchdog_at_once():
     """The block just ended: re-arming the stall timer may have cleared an expiry the watchdog had not read
     (it fired during a slow step), so the sentinel wakes it itself."""

@@ -49,6 +49,9 @@ GIL_HANDOFF = 0.001
 """At most this many seconds the loop waits, GIL released, for a due watchdog to take the GIL (about 10 times
 a second); it goes on as soon as the watchdog runs (a median 0.18 ms, measured, against 0.33 ms for the fixed
 0.2 ms sleep this replaced)."""
+START_WAIT = 0.05
+"""Seconds `Watchdog.start` waits at most for its thread to be up and asleep (see `start`)."""
+
 CPU_SHARE = 0.5
 MIN_WAIT = 0.001
 """Seconds the watchdog waits at least between two looks."""
@@ -822,6 +825,8 @@ class Watchdog:
         """Held, except from the moment a watchdog woken by the sentinel runs until the sentinel sees it."""
         self._running.acquire()
         self._thread = threading.Thread(target=self._run, name="loopwatch-watchdog", daemon=True)
+        self._asleep = threading.Event()
+        """Set by the thread right before its first sleep (`start` waits for it)."""
         self._failures = 0
         self.steps = 0
         """Completed polls: a reader that saw it move twice knows everything before was handled."""
@@ -834,6 +839,11 @@ class Watchdog:
 
     def start(self) -> None:
         self._thread.start()
+        # Wait (with the GIL released) until the thread is up and asleep, at most START_WAIT: left to start
+        # beside a loop that is already busy, it took the GIL back after each step of its start-up, and the
+        # loop's calls ran 12-16% slower for the whole session after it (bench_overhead.py's announce-off
+        # line; the announcement's own wait at start hid it where the announcement runs).
+        self._asleep.wait(min(START_WAIT, self.detector.hb.threshold / 2))
 
     @property
     def stopping(self) -> bool:
@@ -902,6 +912,7 @@ class Watchdog:
         try:
             wait = self.detector.first_wait()
             self.due_at = time.monotonic() + wait
+            self._asleep.set()
             while True:
                 if self._sleeper.wait(wait):
                     try:

@@ -669,23 +669,23 @@ class Schedstat:
         self._fd: int | None = os.open(f"/proc/self/task/{native_id}/schedstat", os.O_RDONLY)
 
     def __call__(self) -> float | None:
+        read = self._read()
+        return None if read is None else read[0] + read[1]
+
+    def queued(self) -> float | None:
+        """The run-queue seconds alone."""
+        read = self._read()
+        return None if read is None else read[1]
+
+    def _read(self) -> tuple[float, float] | None:
+        """(seconds on a core, seconds runnable but waiting for one), or None."""
         fd = self._fd
         if fd is None:
             return None
         try:
             running, waiting = os.pread(fd, 128, 0).split()[:2]
-            return (int(running) + int(waiting)) / 1e9
+            return int(running) / 1e9, int(waiting) / 1e9
         except (OSError, ValueError):
-            return None
-
-    def queued(self) -> float | None:
-        """The run-queue seconds alone."""
-        fd = self._fd
-        if fd is None:
-            return None
-        try:
-            return int(os.pread(fd, 128, 0).split()[1]) / 1e9
-        except (OSError, ValueError, IndexError):
             return None
 
     def close(self) -> None:

@@ -939,19 +939,18 @@ def test_a_stall_timer_that_fires_early_has_the_first_look_at_the_threshold_not_
     assert (event.kind, event.tool) == ("cpu", "crunch")
 
 
-def test_a_native_call_shorter_than_twice_the_threshold_is_gil_and_named_by_the_look_as_the_gil_came_back():
-    """bench_blame's `sum(range(...))` on a quiet machine: 170 ms. The stall timer woke the watchdog at the
-    threshold; it got the GIL only as the call returned. Less than half the block, but all of it from when the
-    watchdog was due: `gil`, not `cpu`."""
-    w = World(timer=True)
+def _one_late_look(w, record, late, ran, before_look=lambda: None):
+    """A block of `record`'s with one look, `late` seconds after the stall timer fired at the threshold, the loop
+    thread having run `ran` CPU seconds by then (`before_look` runs then); the loop beats 2 ms later. The events
+    reported."""
     w.beating(1.0)
     w.detector.poll()
     w.beating(0.3)
     last_beat = w.now
-    record = call("native")
-    w.now = last_beat + 0.01 + 0.1 + 0.07  # the timer fired 70 ms ago: since then the watchdog waited for the GIL
-    w.cpu += 0.17
-    w.sample = Sample(TOOL_STACK, record)  # the look as the GIL came back: the native call's line
+    w.now = last_beat + 0.01 + 0.1 + late
+    w.cpu += ran
+    before_look()
+    w.sample = Sample(TOOL_STACK, record)
     w.detector.poll()
     w.now += 0.002
     w.cpu += 0.002
@@ -959,7 +958,17 @@ def test_a_native_call_shorter_than_twice_the_threshold_is_gil_and_named_by_the_
     w.sample = None
     w.beating(0.01)
     w.detector.poll()
-    [(event, blamed)] = w.events
+    return w.events
+
+
+def test_a_native_call_shorter_than_twice_the_threshold_is_gil_and_named_by_the_look_as_the_gil_came_back():
+    """bench_blame's `sum(range(...))` on a quiet machine: 170 ms. The stall timer woke the watchdog at the
+    threshold; it got the GIL only as the call returned. Less than half the block, but all of it from when the
+    watchdog was due: `gil`, not `cpu`."""
+    w = World(timer=True)
+    record = call("native")
+    # The timer fired 70 ms ago: since then the watchdog waited for the GIL; its look as the GIL came back.
+    [(event, blamed)] = _one_late_look(w, record, late=0.07, ran=0.17)
     assert (event.kind, event.tool, blamed) == ("gil", "native", record)
     assert (event.released_at.file, event.released_at.line) == ("/app/legacy.py", 8)
 
@@ -978,22 +987,11 @@ def test_a_look_30_ms_late_is_a_wait_for_the_gil_unless_a_busy_machine_made_it_l
     own = {"queued": 7.0}
     w.detector.own_queue = lambda: own["queued"]
     w.detector.loop_cpu = lambda: w.cpu
-    w.beating(1.0)
-    w.detector.poll()
-    w.beating(0.3)
-    last_beat = w.now
     record = call("native")
-    w.now = last_beat + 0.01 + 0.1 + 0.03
-    w.cpu += ran
-    own["queued"] += queued
-    w.sample = Sample(TOOL_STACK, record)
-    w.detector.poll()
-    w.now += 0.002
-    w.cpu += 0.002
-    w.beat(lag=w.now - last_beat - 0.01)
-    w.sample = None
-    w.beating(0.01)
-    w.detector.poll()
-    [(event, blamed)] = w.events
+
+    def waited_for_a_core() -> None:
+        own["queued"] += queued
+
+    [(event, blamed)] = _one_late_look(w, record, late=0.03, ran=ran, before_look=waited_for_a_core)
     assert (event.kind, event.tool, blamed) == (kind, "native", record)
     assert (event.released_at is not None) == (kind == "gil")

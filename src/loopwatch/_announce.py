@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ._events import BlockEvent, Event, Frame
+from ._events import BlockEvent, Event, Frame, any_thread
 
 logger = logging.getLogger("loopwatch")
 
@@ -130,6 +130,7 @@ class BlockLog:
     def __init__(self, size: int = BLOCKS_KEPT) -> None:
         self.blocks: deque[BlockEvent] = deque(maxlen=size)
 
+    @any_thread
     def __call__(self, event: Event) -> None:
         if isinstance(event, BlockEvent):
             self.blocks.append(event)
@@ -351,6 +352,7 @@ class Announcement:
             with self._lock:
                 self._streams.discard(stream)
 
+    @any_thread
     def _fan_out(self, event: Event) -> None:
         """A listener, on the watchdog thread: hand the event to each streaming reader, never wait."""
         for stream in list(self._streams):

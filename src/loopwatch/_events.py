@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import logging
 import os
@@ -188,6 +189,18 @@ Event = BlockEvent | OffloadEvent
 Listener = Callable[[Event], None]
 
 
+def any_thread(function: Any) -> Any:
+    """Marks a listener or hook that touches no descriptor (no file, socket, log line, thread or process
+    started): the watchdog may call it itself, with a descriptor table of its own, at once. Everything else
+    goes through the courier (`_courier`), on a thread of the process's table."""
+    function.any_thread = True
+    return function
+
+
+def is_any_thread(function: Any) -> bool:
+    return getattr(function, "any_thread", False) is True
+
+
 class Listeners:
     """Fan events out to callables. One that raises is logged and dropped, never retried."""
 
@@ -205,15 +218,24 @@ class Listeners:
             if listener in self._items:
                 self._items.remove(listener)
 
-    def emit(self, event: Event) -> None:
+    def emit(self, event: Event, deliver: Callable[[Callable[[], None]], None] | None = None) -> None:
+        """Each listener now, or, with `deliver`, those not marked `any_thread` through it."""
         with self._lock:
             items = list(self._items)
         for listener in items:
-            try:
-                listener(event)
-            except Exception:
-                logger.exception("listener %r raised; it is removed", listener)
-                self.remove(listener)
+            if deliver is None or is_any_thread(listener):
+                self._call(listener, event)
+            else:
+                deliver(functools.partial(self._call, listener, event))
+
+    def _call(self, listener: Listener, event: Event) -> None:
+        if listener not in self._items:
+            return  # removed since it was handed to the courier (it raised on an earlier event)
+        try:
+            listener(event)
+        except Exception:
+            logger.exception("listener %r raised; it is removed", listener)
+            self.remove(listener)
 
 
 EVENTS_MAX_BYTES = 50_000_000
@@ -380,6 +402,11 @@ class BlockLog:
                 entry[2] += event.duration_s
                 return
         log_event(event)
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a window is open (a later `flush` may have a count to tell)."""
+        return bool(self._open)
 
     def flush(self, now: float | None = None) -> None:
         """Tell the counts of windows that are over (all of them with `now=inf`)."""

@@ -16,8 +16,10 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from . import _fdtable
 from ._blame import CallRecord, home_of, loop_base, offloaded_during, register_sdk_frames
-from ._events import BlockEvent, BlockLog, Event, JsonLinesWriter, Listener, Listeners
+from ._courier import HOT_SHARE, Courier
+from ._events import BlockEvent, BlockLog, Event, JsonLinesWriter, Listener, Listeners, is_any_thread
 from ._gc import GC_CLOCK
 from ._options import Options
 from ._sentinel import Heartbeat, current_backend, run_sentinel
@@ -100,6 +102,12 @@ class Monitor:
         self._lock = threading.Lock()
         self._refs = 0
         self._watchdog: Watchdog | None = None
+        self._courier: Courier | None = None
+        """Runs the listeners and hooks for a watchdog with a descriptor table of its own (`_fdtable`)."""
+        self._share_from: tuple[float, float] | None = None
+        """(monotonic, loop thread CPU seconds) at the last check: the loop's share of a core since."""
+        self.share_clocks: tuple[Callable[[], float], Callable[[], float]] = (time.monotonic, time.thread_time)
+        """Wall and loop thread CPU clocks of `_check_courier` (tests replace them)."""
         self._timer: StallTimer | None = None
         self.heartbeat: Heartbeat | None = None
         self._cancel_sentinel: Callable[[], None] | None = None
@@ -311,7 +319,11 @@ class Monitor:
         self.started_at = time.time()
         GC_CLOCK.acquire()
         self._timer = stall_timer(opts.interval + opts.threshold)  # armed now: a block at start-up is caught
-        self._watchdog = Watchdog(detector, housekeeping=self.pump, watched=_loop_watched(), timer=self._timer)
+        # No courier thread yet: the first pause (the loop idles) or check (it is not hot) starts it.
+        self._courier = Courier() if _fdtable.wanted() else None
+        self._share_from = None
+        self._watchdog = Watchdog(detector, housekeeping=self.pump, watched=_loop_watched(), timer=self._timer,
+                                  courier=self._courier)
         self._watchdog.start()
         return heartbeat
 
@@ -319,17 +331,39 @@ class Monitor:
         watchdog = self._watchdog
         if watchdog is not None:
             watchdog.handoff(now)
+        courier = self._courier
+        if courier is not None and courier.pending:
+            courier.ensure()
 
     def _pause(self) -> None:
         watchdog = self._watchdog
         if watchdog is not None:
             watchdog.pause()
+        courier = self._courier
+        if courier is not None:
+            courier.ensure()  # an idle loop makes no system calls: the courier's thread costs it nothing
 
     def _check(self) -> None:
         """On the loop, about once a second."""
         self._check_watchdog()
+        self._check_courier()
         if self.loop_checks:
             self._run_hooks(self.loop_checks, "loop check")
+
+    def _check_courier(self) -> None:
+        """The courier's thread is up unless the loop ran flat out since the last check (`HOT_SHARE` of a core),
+        where a second thread of the descriptor table would cost each of its system calls."""
+        courier = self._courier
+        if courier is None:
+            return
+        now, cpu = self.share_clocks[0](), self.share_clocks[1]()
+        since, self._share_from = self._share_from, (now, cpu)
+        if since is None or now <= since[0]:
+            return
+        if (cpu - since[1]) / (now - since[0]) >= HOT_SHARE:
+            courier.retire()
+        else:
+            courier.ensure()
 
     def _check_watchdog(self) -> None:
         """A watchdog thread that died is reported and replaced."""
@@ -337,8 +371,13 @@ class Monitor:
         if watchdog is None or watchdog.is_alive() or watchdog.stopping:
             return
         logger.error("watchdog thread died; starting a new one (blocks during the gap were missed)")
+        watchdog.stop(0.0)  # its descriptors in the process's table, if it had a table of its own
+        if self._courier is not None:  # the old one's courier was told to finish: a new one for the new one
+            self._courier.close(timeout=0.0)
+            self._courier = Courier()
         self._watchdog = Watchdog(
-            watchdog.detector, housekeeping=self.pump, watched=watchdog.watched, timer=watchdog.timer
+            watchdog.detector, housekeeping=self.pump, watched=watchdog.watched, timer=watchdog.timer,
+            courier=self._courier,
         )
         self._watchdog.start()
 
@@ -348,6 +387,9 @@ class Monitor:
             timer, self._timer = self._timer, None
         if watchdog is not None:
             watchdog.stop()
+            courier, self._courier = self._courier, None
+            if courier is not None:
+                courier.close()  # what the watchdog handed it runs, here if its thread is gone
             GC_CLOCK.release()
             close = getattr(watchdog.detector.demand_clock, "close", None)
             if close is not None:
@@ -398,17 +440,45 @@ class Monitor:
     def _on_blocking(self, call: CallRecord, elapsed: float, importing: bool, stack: tuple[Any, ...]) -> None:
         self._run_call_hooks(self.blocking_hooks, call, elapsed, importing, stack)
 
+    def _handing(self) -> Callable[[Callable[[], None]], None] | None:
+        """On a watchdog with a table of its own: the courier's `submit` (what may touch a descriptor goes
+        through it); anywhere else None (it runs here)."""
+        courier = self._courier
+        if courier is not None and courier.barred == threading.get_ident():
+            return courier.submit
+        return None
+
+    def say(self, level: int, message: str, *args: Any, **kwargs: Any) -> None:
+        """A log line from any thread: on a watchdog with a table of its own, through the courier (a handler
+        may open its file there)."""
+        deliver = self._handing()
+        if deliver is None:
+            logger.log(level, message, *args, **kwargs)
+        else:
+            deliver(lambda: logger.log(level, message, *args, **kwargs))
+
     def _run_call_hooks(self, hooks: list[Callable[..., None]], *args: Any) -> None:
+        deliver = self._handing()
         for hook in list(hooks):
-            try:
-                hook(*args)
-            except Exception:
-                logger.exception("hook %r raised; it is removed", hook)
+            if deliver is None or is_any_thread(hook):
+                self._call_hook(hooks, hook, args)
+            else:
+                deliver(lambda hook=hook: self._call_hook(hooks, hook, args))
+
+    @staticmethod
+    def _call_hook(hooks: list[Callable[..., None]], hook: Callable[..., None], args: tuple[Any, ...]) -> None:
+        if hook not in hooks:
+            return  # removed since it was handed to the courier (it raised on an earlier event)
+        try:
+            hook(*args)
+        except Exception:
+            logger.exception("hook %r raised; it is removed", hook)
+            if hook in hooks:
                 hooks.remove(hook)
 
     def _dispatch(self, event: Event) -> None:
         self.recent.append(event)
-        self.listeners.emit(event)
+        self.listeners.emit(event, self._handing())
 
     def pump(self) -> None:
         """Housekeeping on the watchdog thread: queued events out, the sentinel's lags in."""
@@ -419,7 +489,14 @@ class Monitor:
                 break
             self._dispatch(event)
         if self._log is not None:
-            self._log.flush()
+            deliver = self._handing()
+            if deliver is None:
+                self._log.flush()
+            elif self._log.waiting:
+                deliver(self._log.flush)
+        courier = self._courier
+        if courier is not None:
+            courier.nudge()  # jobs wait for a courier thread: ask the main thread again (a no-op otherwise)
         heartbeat = self.heartbeat
         if heartbeat is None:
             return

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from . import _fdtable
 from ._blame import (
     OFFLOADED_CALLS,
     CallRecord,
@@ -30,6 +31,7 @@ from ._blame import (
     sample_frame,
     summarize,
 )
+from ._courier import Courier
 from ._events import BlockEvent, BlockKind, Frame
 from ._sentinel import Clock, Heartbeat
 from ._timer import StallTimer
@@ -668,6 +670,9 @@ class Schedstat:
     def __init__(self, native_id: int) -> None:
         self._fd: int | None = os.open(f"/proc/self/task/{native_id}/schedstat", os.O_RDONLY)
 
+    def fileno(self) -> int | None:
+        return self._fd
+
     def __call__(self) -> float | None:
         read = self._read()
         return None if read is None else read[0] + read[1]
@@ -731,8 +736,13 @@ class _TimerSleeper:
     """The watchdog's sleep with a stall timer: `poll` on the timer's descriptor and a wake-up pipe.
 
     Any thread may `wake`; only the watchdog waits and closes (the pipe's write end is used under a lock,
-    so a write never reaches a descriptor number reused after the close).
+    so a write never reaches a descriptor number reused after the close). A watchdog with a descriptor table
+    of its own (`private`) holds copies of the pipe's two ends, under the same numbers: it closes its copies,
+    and the thread that stops it the process's (`close_shared`).
     """
+
+    private = False
+    owner: int | None = None
 
     def __init__(self, timer: StallTimer) -> None:
         self.timer = timer
@@ -775,19 +785,47 @@ class _TimerSleeper:
         except (KeyError, ValueError, OSError):
             pass
 
+    def descriptors(self) -> set[int]:
+        return {fd for fd in (self._read, self._write, self._timer_fd) if fd is not None and fd >= 0}
+
+    def _side(self) -> str:
+        return "own" if self.private and threading.get_ident() == self.owner else "shared"
+
     def wake(self) -> None:
         with self._lock:
-            if self._write < 0:
+            if self._write < 0 or self._side() in self._closed:
                 return
             try:
                 os.write(self._write, b"w")
             except OSError:  # the pipe is full: a wake-up is already waiting
                 pass
 
+    _closed: frozenset[str] = frozenset()
+
     def close(self) -> None:
+        """On the watchdog thread, as it ends: its copies (the only ones, without a table of its own)."""
         with self._lock:
-            read, write, self._read, self._write = self._read, self._write, -1, -1
-        for fd in (read, write):
+            if self.private:
+                if "own" in self._closed:
+                    return
+                self._closed = self._closed | {"own"}
+                fds = (self._read, self._write)
+            else:
+                fds = (self._read, self._write)
+                self._read, self._write = -1, -1
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+
+    def close_shared(self) -> None:
+        """From the thread that stopped the watchdog, once it ended: the process's copies of a watchdog that
+        had a table of its own (nothing otherwise: the watchdog closed the only ones)."""
+        with self._lock:
+            if not self.private or "shared" in self._closed:
+                return
+            self._closed = self._closed | {"shared"}
+            fds = (self._read, self._write)
+        for fd in fds:
             if fd >= 0:
                 os.close(fd)
 
@@ -805,8 +843,14 @@ class Watchdog:
         housekeeping: Callable[[], None] = lambda: None,
         watched: Callable[[], bool] = lambda: True,
         timer: StallTimer | None = None,
+        courier: Courier | None = None,
     ) -> None:
         self.detector = detector
+        self.courier = courier
+        """With one, the thread takes a descriptor table of its own (`_fdtable`) and hands the courier what must
+        run in the process's table (its own log lines here; the monitor's listeners and hooks)."""
+        self.private = False
+        """True once the thread has its own descriptor table."""
         self.housekeeping = housekeeping
         self.watched = watched
         """False once the watched loop is gone (closed, or its thread ended) though nobody stopped the watch."""
@@ -854,6 +898,8 @@ class Watchdog:
         self._sleeper.wake()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        if not self._thread.is_alive() and isinstance(self._sleeper, _TimerSleeper):
+            self._sleeper.close_shared()
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
@@ -905,7 +951,33 @@ class Watchdog:
             logger.warning("the stall timer failed; the watchdog looks every threshold period instead")
             self._sleeper.wake()
 
+    def _say(self, log: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        """A log line from this thread: through the courier with a table of its own (a handler may open a file)."""
+        courier = self.courier
+        if self.private and courier is not None:
+            courier.submit(lambda: log(*args, **kwargs))
+        else:
+            log(*args, **kwargs)
+
+    def _go_private(self) -> None:
+        """A descriptor table of the thread's own, keeping what it reads: its pipe, the stall timer, the
+        loop thread's schedstat. Descriptors it opens later (its own schedstat) are its table's alone."""
+        courier = self.courier
+        if courier is None or not _fdtable.wanted():
+            return
+        keep = set(self._sleeper.descriptors()) if isinstance(self._sleeper, _TimerSleeper) else set()
+        fileno = getattr(self.detector.demand_clock, "fileno", None)
+        if fileno is not None and (fd := fileno()) is not None:
+            keep.add(fd)
+        if _fdtable.go_private(keep):
+            if isinstance(self._sleeper, _TimerSleeper):
+                self._sleeper.owner = threading.get_ident()
+                self._sleeper.private = True
+            courier.barred = threading.get_ident()
+            self.private = True
+
     def _run(self) -> None:
+        self._go_private()
         own = thread_demand_clock(threading.get_native_id())
         if own is not None:
             self.detector.own_queue, self.detector._queued_at = own.queued, None
@@ -922,7 +994,7 @@ class Watchdog:
                 if self._stop.is_set():
                     break
                 if not self.watched():
-                    logger.warning("the watched loop closed without ending the watch; the watchdog stops")
+                    self._say(logger.warning, "the watched loop closed without ending the watch; the watchdog stops")
                     break
                 wait = self._step()
                 self.due_at = time.monotonic() + wait
@@ -930,6 +1002,8 @@ class Watchdog:
             self._step()
         finally:
             self._sleeper.close()
+            if self.private and self.courier is not None:
+                self.courier.finish()
             if own is not None:
                 self.detector.own_queue = lambda: None
                 own.close()
@@ -940,8 +1014,8 @@ class Watchdog:
             self.housekeeping()
             self.steps += 1
             return wait
-        except Exception:
+        except Exception as exc:
             self._failures += 1
             if self._failures <= 3 or self._failures % 1000 == 0:
-                logger.exception("watchdog step failed (%d so far); it goes on", self._failures)
+                self._say(logger.error, "watchdog step failed (%d so far); it goes on", self._failures, exc_info=exc)
             return self.detector.poll_interval

@@ -33,7 +33,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from ._blame import CallRecord
-from ._events import BlockEvent, Event, OffloadEvent, report_text
+from ._events import BlockEvent, Event, OffloadEvent, any_thread, report_text
 from ._extensions import MissingExtra
 from ._options import OptionError
 
@@ -547,6 +547,7 @@ class BlockEvidence:
         )
         blocked.end(end_time=start + round(event.duration_s * 1e9))
 
+    @any_thread
     def on_blocking(self, call: CallRecord, elapsed: float, importing: bool, stack: object = ()) -> None:
         """While a block goes on: an offload decision it causes belongs on this call's span."""
         if call.span is not None and call.tool:

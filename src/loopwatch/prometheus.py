@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover - the extra is missing
     raise MissingExtra("prometheus-client", "prometheus") from None
 
 from ._blame import CallRecord
-from ._events import BlockEvent, BlockKind, Event, OffloadEvent
+from ._events import BlockEvent, BlockKind, Event, OffloadEvent, any_thread
 from ._monitor import LAG_BOUNDS
 from ._stats import OTHER
 
@@ -327,6 +327,7 @@ class LoopMetrics:
         self._cpu_lock = threading.Lock()  # read at the watch's start and stop (loop thread) and each second (watchdog)
         self._next_sample = 0.0
 
+    @any_thread
     def observe_lag(self, lag: float) -> None:
         if self._calls.pending:
             self._calls.record()
@@ -387,6 +388,7 @@ class LoopMetrics:
         self._shown_peak = 0.0
         self._metrics.lag_max.set(0.0)
 
+    @any_thread
     def on_block(self, event: BlockEvent, call: CallRecord | None) -> None:
         count, seconds = self._tools.block_children(self._tool_label(event, call), event.kind)
         count.inc()
@@ -434,6 +436,7 @@ class OffloadMetrics:
         self._metrics = metrics
         self._label = label
 
+    @any_thread
     def __call__(self, event: Event) -> None:
         if not isinstance(event, OffloadEvent) or event.action == "advised":  # advice moves nothing
             return

@@ -33,7 +33,7 @@ from typing import Any, overload
 import anyio
 
 from ._blame import is_framework
-from ._events import BlockEvent, Event, Frame
+from ._events import BlockEvent, Event, Frame, any_thread
 from ._monitor import Monitor
 from ._watch import watch
 
@@ -78,6 +78,7 @@ class BlockCollector(Sequence[BlockEvent]):
         monitor.add_listener(self._on_event)
         monitor.lag_observers.append(self._on_lag)
 
+    @any_thread
     def _on_event(self, event: Event) -> None:
         if isinstance(event, BlockEvent):
             if event.kind == "gc" and not self.gc:
@@ -85,6 +86,7 @@ class BlockCollector(Sequence[BlockEvent]):
             else:
                 self._events.append(event)
 
+    @any_thread
     def _on_lag(self, lag: float) -> None:
         # Every beat the sentinel found late becomes exactly one BlockEvent: counting them here
         # tells `settle()` how many events are still on their way.

@@ -1,0 +1,251 @@
+"""The watchdog's descriptor table of its own (Linux), and the courier that runs what needs the process's.
+
+A thread that shares the process's table makes the kernel count a reference at each of the loop's system
+calls (the hot-loop floor, benchmarks/bench_hot_loop.py); the watchdog takes a copy and closes in it all
+but what it reads. These tests check what that must not break: a peer still sees its EOF, the process's
+POSIX locks stay, a listener that opens a file opens it in the process's table, and the courier that runs
+such listeners comes and goes with the loop's load, and is started even while the loop is stuck.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import anyio
+import pytest
+
+import loopwatch
+from loopwatch import _fdtable
+from loopwatch._courier import Courier
+
+pytestmark = pytest.mark.skipif(not _fdtable.wanted(), reason="a descriptor table of the watchdog's own is Linux's")
+async_test = pytest.mark.anyio
+
+
+def _in_private_thread(body):
+    """Run `body()` on a thread that went private first; return what it returned (or raise what it raised)."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["private"] = _fdtable.go_private(())
+            out["value"] = body()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            out["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive()
+    if "error" in out:
+        raise out["error"]
+    assert out["private"] is True
+    return out["value"]
+
+
+def _fds_of(thread: threading.Thread) -> set[int]:
+    return {int(fd) for fd in os.listdir(f"/proc/self/task/{thread.native_id}/fd")}
+
+
+def test_a_socket_the_process_closes_after_the_copy_still_reaches_its_peer_as_eof():
+    ours, peer = socket.socketpair()
+    peer.settimeout(5)
+    gone = threading.Event()
+    keep = threading.Event()
+
+    def body():
+        gone.set()
+        keep.wait(10)  # the private thread stays alive while the process closes its end
+
+    thread = threading.Thread(target=lambda: (_fdtable.go_private(()), body()))
+    thread.start()
+    try:
+        assert gone.wait(5)
+        assert ours.fileno() not in _fds_of(thread)
+        ours.close()
+        assert peer.recv(1) == b""  # EOF, though the thread that took a copy of the table is still alive
+    finally:
+        keep.set()
+        thread.join(10)
+        peer.close()
+
+
+def test_the_copy_closing_its_descriptor_leaves_the_process_posix_lock_held(tmp_path):
+    path = tmp_path / "locked"
+    path.write_text("x")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        _in_private_thread(lambda: None)  # it closed its copy of `fd` (a close drops the closer's own locks)
+        probe = ("import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDWR)\n"
+                 "try:\n    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept OSError:\n    print('held')\n"
+                 "else:\n    print('free')\n")
+        result = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=30)
+        assert result.stdout.strip() == "held"
+    finally:
+        os.close(fd)
+
+
+def test_the_private_thread_blocks_every_signal_so_the_process_s_go_to_a_thread_of_its_table():
+    """A signal handled there would write asyncio's wake-up byte (`signal.set_wakeup_fd`, a number of the
+    process's table) into the thread's own table, and an idle loop would sleep through Ctrl-C."""
+    blocked = _in_private_thread(lambda: signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    assert {signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGUSR1} <= set(blocked)
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # this thread is untouched
+
+
+def test_the_private_table_keeps_standard_error_and_points_standard_output_at_dev_null():
+    def body():
+        return os.readlink("/proc/thread-self/fd/1"), os.readlink("/proc/thread-self/fd/2")
+
+    out, err = _in_private_thread(body)
+    assert out == os.devnull
+    assert err == os.readlink("/proc/self/fd/2")
+
+
+@async_test
+async def test_the_watchdog_reads_in_a_table_of_its_own_and_sockets_the_loop_closes_close():
+    async with loopwatch.watch(threshold=0.05, log_blocks=False) as monitor:
+        watchdog = monitor._watchdog
+        deadline = time.monotonic() + 10
+        while not watchdog.private and time.monotonic() < deadline:
+            await anyio.sleep(0.01)
+        assert watchdog.private
+        ours, peer = socket.socketpair()  # opened after the watch started: not in the watchdog's table
+        assert ours.fileno() not in _fds_of(watchdog._thread) or os.readlink(
+            f"/proc/self/task/{watchdog._thread.native_id}/fd/{ours.fileno()}") != os.readlink(
+            f"/proc/self/fd/{ours.fileno()}")
+        ours.close()
+        peer.settimeout(5)
+        assert peer.recv(1) == b""
+        peer.close()
+        time.sleep(0.2)  # a block, still caught and timed by the watchdog in its own table
+        await anyio.sleep(0.3)
+    blocks = [e for e in monitor.recent if e.kind != "gc"]
+    assert len(blocks) == 1 and 0.15 <= blocks[0].duration_s <= 0.5
+
+
+@async_test
+async def test_a_log_handler_that_opens_its_file_at_the_first_block_opens_it_in_the_process_table(tmp_path):
+    """A handler opening its file lazily on the watchdog's own table would leave the stream's descriptor
+    number pointing elsewhere for every other thread: the loop's own log lines would be lost or, worse,
+    written into another file of the process."""
+    path = tmp_path / "loopwatch.log"
+    handler = logging.FileHandler(path, delay=True)
+    log = logging.getLogger("loopwatch")
+    log.addHandler(handler)
+    try:
+        async with loopwatch.watch(threshold=0.05) as monitor:
+            deadline = time.monotonic() + 10
+            while not monitor._watchdog.private and time.monotonic() < deadline:
+                await anyio.sleep(0.01)
+            assert monitor._watchdog.private
+            time.sleep(0.2)
+            deadline = time.monotonic() + 10
+            while handler.stream is None and time.monotonic() < deadline:
+                await anyio.sleep(0.02)
+            assert handler.stream is not None, "the block's line never reached the handler"
+            fd = handler.stream.fileno()
+            assert os.path.samefile(f"/proc/self/fd/{fd}", path)  # the process's table: the loop can write it
+            log.warning("a line from the loop thread")
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+    text = path.read_text()
+    assert "loop blocked" in text and "a line from the loop thread" in text
+
+
+def test_the_courier_runs_what_the_barred_thread_hands_it_once_another_thread_starts_it():
+    courier = Courier()
+    ran: list[str] = []
+    handed = threading.Event()
+
+    def barred():
+        courier.barred = threading.get_ident()
+        courier.submit(lambda: ran.append(threading.current_thread().name))
+        if not courier.alive and courier.pending:  # it started nothing itself (the main thread is in join())
+            handed.set()
+
+    thread = threading.Thread(target=barred)
+    thread.start()
+    thread.join(10)
+    assert handed.is_set()
+    courier.ensure()  # the loop's next beat (or the pending call, once the main thread runs Python again)
+    deadline = time.monotonic() + 10
+    while not ran and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ran == ["loopwatch-courier"] and not courier.pending
+    courier.retire()
+    deadline = time.monotonic() + 10
+    while courier.alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not courier.alive
+    courier.close()
+
+
+def test_closing_the_courier_runs_what_still_waits_on_the_caller():
+    courier = Courier()
+    ran: list[int] = []
+    courier.barred = threading.get_ident()  # as the watchdog: submit() starts no thread
+    courier.submit(lambda: ran.append(threading.get_ident()))
+    assert ran == [] and not courier.alive
+    courier.close()
+    assert ran == [threading.get_ident()]
+
+
+def test_a_loop_stuck_in_python_code_starts_the_courier_between_two_bytecodes():
+    """The watchdog, barred from starting a thread of the process's table, hands a job while the main thread
+    runs Python code without a break: the pending call starts the courier there, and the job runs while the
+    main thread is still stuck."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("pending calls run on the main thread")
+    courier = Courier()
+    ran = threading.Event()
+
+    def watchdog():
+        courier.barred = threading.get_ident()
+        time.sleep(0.05)
+        courier.submit(ran.set)
+
+    thread = threading.Thread(target=watchdog)
+    thread.start()
+    deadline = time.monotonic() + 10
+    spins = 0
+    while not ran.is_set() and time.monotonic() < deadline:  # the stuck loop: pure Python, no sleep, no I/O
+        spins += 1
+    stuck_until = time.monotonic()
+    thread.join(10)
+    try:
+        assert ran.is_set() and stuck_until < deadline
+        assert courier.alive or not courier.pending
+    finally:
+        courier.close()
+
+
+@async_test
+async def test_the_courier_leaves_while_the_loop_runs_flat_out_and_comes_back_when_it_does_not():
+    async with loopwatch.watch(threshold=0.05, log_blocks=False) as monitor:
+        courier = monitor._courier
+        wall, cpu = [100.0], [10.0]
+        monitor.share_clocks = (lambda: wall[0], lambda: cpu[0])
+        monitor._share_from = None
+        courier.ensure()
+        monitor._check_courier()  # the first check only takes the clocks
+        wall[0] += 1.0
+        cpu[0] += 0.95  # the loop thread ran 95% of the last second
+        thread = courier._thread
+        monitor._check_courier()
+        thread.join(10)  # the loop stays busy meanwhile: an idle loop (a pause of the sentinel) calls it back
+        assert not thread.is_alive() and not courier.alive
+        wall[0] += 1.0
+        cpu[0] += 0.3
+        monitor._check_courier()
+        assert courier.alive

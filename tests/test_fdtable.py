@@ -51,11 +51,27 @@ def _in_private_thread(body):
     return out["value"]
 
 
+def _open_here(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 def _fds_of(thread: threading.Thread) -> set[int]:
     return {int(fd) for fd in os.listdir(f"/proc/self/task/{thread.native_id}/fd")}
 
 
-def test_a_socket_the_process_closes_after_the_copy_still_reaches_its_peer_as_eof():
+@pytest.fixture(params=["close_range", "listing"])
+def closing(request, monkeypatch):
+    """Both ways of closing the copy: close_range(2), and the listing of the thread's table without it."""
+    if request.param == "listing":
+        monkeypatch.setattr(_fdtable, "_close_ranges", lambda kept: False)
+    return request.param
+
+
+def test_a_socket_the_process_closes_after_the_copy_still_reaches_its_peer_as_eof(closing):
     ours, peer = socket.socketpair()
     peer.settimeout(5)
     gone = threading.Event()
@@ -76,6 +92,30 @@ def test_a_socket_the_process_closes_after_the_copy_still_reaches_its_peer_as_eo
         keep.set()
         thread.join(10)
         peer.close()
+
+
+def test_the_copy_keeps_only_what_it_was_told_to_keep(closing):
+    kept_r, kept_w = os.pipe()
+    other_r, other_w = os.pipe()
+    try:
+        def body():
+            listed = {int(fd) for fd in os.listdir("/proc/thread-self/fd")}
+            return {fd for fd in listed if _open_here(fd)}  # not the listing's own, closed as it returned
+
+        out: dict = {}
+
+        def run():
+            out["private"] = _fdtable.go_private({kept_r})
+            out["fds"] = body()
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join(10)
+        assert out["private"]
+        assert out["fds"] == {0, 1, 2, kept_r}
+    finally:
+        for fd in (kept_r, kept_w, other_r, other_w):
+            os.close(fd)
 
 
 def test_the_copy_closing_its_descriptor_leaves_the_process_posix_lock_held(tmp_path):

@@ -22,14 +22,24 @@ kept open, by the thread that first sets it, and metrics are set on the watchdog
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import sys
 from collections.abc import Iterable
 
+from ._timer import _libc
+
 CLONE_FILES = 0x400
 _FD_MAX = 2**31 - 1
+_SIGNALS: set[signal.Signals] | None = None
+
+
+def _all_signals() -> set[signal.Signals]:
+    """`signal.valid_signals()`, once a process (it takes about 0.1 ms: a watch's start paid it)."""
+    global _SIGNALS
+    if _SIGNALS is None:
+        _SIGNALS = signal.valid_signals()
+    return _SIGNALS
 
 
 def wanted() -> bool:
@@ -41,12 +51,26 @@ def wanted() -> bool:
     return os.environ.get("LOOPWATCH_SHARED_FDS", "").strip().lower() in ("", "0", "false", "no", "off")
 
 
+def _close_ranges(kept: set[int]) -> bool:
+    """Close every descriptor but `kept` with close_range(2), a call per gap; False where there is none."""
+    try:
+        close_range = _libc().close_range
+    except (OSError, AttributeError):
+        return False
+    low = 0
+    for fd in sorted(kept) + [_FD_MAX + 1]:
+        if low < fd and close_range(low, fd - 1, 0) != 0:
+            return False  # refused (ENOSYS, a seccomp profile): the caller lists what is left instead
+        low = fd + 1
+    return True
+
+
 def go_private(keep: Iterable[int]) -> bool:
     """On the calling thread: take a descriptor table of its own and close in it every descriptor but `keep`
     and 2 (0 and 1 become /dev/null). False, with nothing changed, where the system refuses (a seccomp
     profile, another OS): the thread then shares the process's table as before."""
     try:
-        unshare = ctypes.CDLL(None, use_errno=True).unshare
+        unshare = _libc().unshare
     except (OSError, AttributeError):
         return False
     if unshare(CLONE_FILES) != 0:
@@ -55,27 +79,22 @@ def go_private(keep: Iterable[int]) -> bool:
     # thread) would miss the process's table, and the loop would sleep through Ctrl-C. The kernel gives a
     # signal for the process to a thread that does not block it.
     try:
-        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        signal.pthread_sigmask(signal.SIG_BLOCK, _all_signals())
     except (AttributeError, OSError, ValueError):
         pass
     kept = {fd for fd in keep if fd > 2} | {2}
-    try:
-        # The thread's own table now: precise, where closing up to a high limit would loop on old systems.
-        open_fds = [int(name) for name in os.listdir("/proc/thread-self/fd")]
-    except (OSError, ValueError):
-        open_fds = []
-        low = 0
-        for fd in sorted(kept):
-            if low < fd:
-                os.closerange(low, fd)
-            low = fd + 1
-        os.closerange(low, _FD_MAX)
-    for fd in open_fds:
-        if fd not in kept:
-            try:
-                os.close(fd)
-            except OSError:  # the listing's own descriptor, closed already
-                pass
+    if not _close_ranges(kept):
+        # No close_range(2) (Linux before 5.9, or a C library without it): what the thread's table holds.
+        try:
+            open_fds = [int(name) for name in os.listdir("/proc/thread-self/fd")]
+        except (OSError, ValueError):
+            open_fds = []
+        for fd in open_fds:
+            if fd not in kept:
+                try:
+                    os.close(fd)
+                except OSError:  # the listing's own descriptor, closed already
+                    pass
     try:
         null = os.open(os.devnull, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
     except OSError:

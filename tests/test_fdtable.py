@@ -26,8 +26,24 @@ import loopwatch
 from loopwatch import _fdtable
 from loopwatch._courier import Courier
 
-pytestmark = pytest.mark.skipif(not _fdtable.wanted(), reason="a descriptor table of the watchdog's own is Linux's")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="unshare(CLONE_FILES) is Linux's")
 async_test = pytest.mark.anyio
+
+
+@pytest.fixture
+def private(monkeypatch):
+    """The watchdog takes a table of its own (off by default: see `_fdtable`'s hazard)."""
+    monkeypatch.setenv("LOOPWATCH_PRIVATE_FDS", "1")
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+
+
+async def _private_watchdog(monitor):
+    watchdog = monitor._watchdog
+    deadline = time.monotonic() + 10
+    while not watchdog.private and time.monotonic() < deadline:
+        await anyio.sleep(0.01)
+    assert watchdog.private
+    return watchdog
 
 
 def _in_private_thread(body):
@@ -152,13 +168,25 @@ def test_the_private_table_keeps_standard_error_and_points_standard_output_at_de
 
 
 @async_test
-async def test_the_watchdog_reads_in_a_table_of_its_own_and_sockets_the_loop_closes_close():
+async def test_by_default_the_watchdog_shares_the_process_table_and_has_no_courier(monkeypatch):
+    monkeypatch.delenv("LOOPWATCH_PRIVATE_FDS", raising=False)
     async with loopwatch.watch(threshold=0.05, log_blocks=False) as monitor:
+        await anyio.sleep(0.05)
         watchdog = monitor._watchdog
-        deadline = time.monotonic() + 10
-        while not watchdog.private and time.monotonic() < deadline:
-            await anyio.sleep(0.01)
-        assert watchdog.private
+        assert monitor._courier is None and not watchdog.private
+        ours, peer = socket.socketpair()  # opened now: the watchdog sees it, one table
+        try:
+            assert os.readlink(f"/proc/self/task/{watchdog._thread.native_id}/fd/{ours.fileno()}") == os.readlink(
+                f"/proc/self/fd/{ours.fileno()}")
+        finally:
+            ours.close()
+            peer.close()
+
+
+@async_test
+async def test_the_watchdog_reads_in_a_table_of_its_own_and_sockets_the_loop_closes_close(private):
+    async with loopwatch.watch(threshold=0.05, log_blocks=False) as monitor:
+        watchdog = await _private_watchdog(monitor)
         ours, peer = socket.socketpair()  # opened after the watch started: not in the watchdog's table
         assert ours.fileno() not in _fds_of(watchdog._thread) or os.readlink(
             f"/proc/self/task/{watchdog._thread.native_id}/fd/{ours.fileno()}") != os.readlink(
@@ -174,7 +202,7 @@ async def test_the_watchdog_reads_in_a_table_of_its_own_and_sockets_the_loop_clo
 
 
 @async_test
-async def test_a_log_handler_that_opens_its_file_at_the_first_block_opens_it_in_the_process_table(tmp_path):
+async def test_a_log_handler_that_opens_its_file_at_the_first_block_opens_it_in_the_process_table(tmp_path, private):
     """A handler opening its file lazily on the watchdog's own table would leave the stream's descriptor
     number pointing elsewhere for every other thread: the loop's own log lines would be lost or, worse,
     written into another file of the process."""
@@ -184,10 +212,7 @@ async def test_a_log_handler_that_opens_its_file_at_the_first_block_opens_it_in_
     log.addHandler(handler)
     try:
         async with loopwatch.watch(threshold=0.05) as monitor:
-            deadline = time.monotonic() + 10
-            while not monitor._watchdog.private and time.monotonic() < deadline:
-                await anyio.sleep(0.01)
-            assert monitor._watchdog.private
+            await _private_watchdog(monitor)
             time.sleep(0.2)
             deadline = time.monotonic() + 10
             while handler.stream is None and time.monotonic() < deadline:
@@ -271,7 +296,7 @@ def test_a_loop_stuck_in_python_code_starts_the_courier_between_two_bytecodes():
 
 
 @async_test
-async def test_the_courier_leaves_while_the_loop_runs_flat_out_and_comes_back_when_it_does_not():
+async def test_the_courier_leaves_while_the_loop_runs_flat_out_and_comes_back_when_it_does_not(private):
     async with loopwatch.watch(threshold=0.05, log_blocks=False) as monitor:
         courier = monitor._courier
         wall, cpu = [100.0], [10.0]
@@ -289,3 +314,76 @@ async def test_the_courier_leaves_while_the_loop_runs_flat_out_and_comes_back_wh
         cpu[0] += 0.3
         monitor._check_courier()
         assert courier.alive
+
+
+@async_test
+async def test_a_hook_that_raises_on_the_watchdog_is_logged_through_the_courier(tmp_path, private):
+    """The line that says a hook raised and is removed is written by a thread of the process's table too."""
+    from loopwatch._events import any_thread
+
+    path = tmp_path / "loopwatch.log"
+    handler = logging.FileHandler(path, delay=True)
+    log = logging.getLogger("loopwatch")
+    log.addHandler(handler)
+    ran_on: list[str] = []
+
+    @any_thread
+    def raising(_lag):
+        ran_on.append(threading.current_thread().name)
+        raise RuntimeError("observer failed")
+
+    try:
+        async with loopwatch.watch(threshold=0.05, log_blocks=False) as monitor:
+            await _private_watchdog(monitor)
+            monitor.lag_observers.append(raising)
+            deadline = time.monotonic() + 10
+            while handler.stream is None and time.monotonic() < deadline:
+                await anyio.sleep(0.02)
+            assert handler.stream is not None, "the hook's failure never reached the log"
+            assert os.path.samefile(f"/proc/self/fd/{handler.stream.fileno()}", path)
+            log.warning("a line from the loop thread")
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+    assert ran_on == ["loopwatch-watchdog"]
+    text = path.read_text()
+    assert "raised; it is removed" in text and "observer failed" in text and "a line from the loop thread" in text
+
+
+def test_a_pending_call_that_could_not_run_is_asked_for_again():
+    """The pending call finds its lock held (the watchdog is asking at that moment): it does nothing, and the
+    watchdog's next ask queues another, which starts the courier."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("pending calls run on the main thread")
+    from loopwatch import _courier as module
+
+    courier = Courier()
+    ran = threading.Event()
+    holding = threading.Event()
+    release = threading.Event()
+
+    def watchdog():
+        courier.barred = threading.get_ident()
+        courier.submit(ran.set)  # no courier thread: a pending call is queued
+        with module._ASKED_LOCK:  # as if inside ask() again when the pending call runs
+            holding.set()
+            release.wait(10)
+        courier.nudge()  # its next look
+
+    thread = threading.Thread(target=watchdog)
+    thread.start()
+    try:
+        assert holding.wait(10)
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:  # the pending call runs between these bytecodes, finds the lock held
+            pass
+        assert not ran.is_set()
+        release.set()
+        deadline = time.monotonic() + 10
+        while not ran.is_set() and time.monotonic() < deadline:  # stuck in Python again: the next one runs
+            pass
+        assert ran.is_set()
+    finally:
+        release.set()
+        thread.join(10)
+        courier.close()

@@ -18,12 +18,25 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 logger = logging.getLogger("loopwatch")
 
 Job = Callable[[], None]
 HOT_SHARE = 0.9
 """The loop thread's share of a core, over its last second, from which the courier leaves."""
+PRIVATE: dict[int, Courier] = {}
+"""Thread id of each watchdog with a descriptor table of its own -> its courier."""
+
+
+def say(level: int, message: str, *args: Any, **kwargs: Any) -> None:
+    """A log line from any thread: from a watchdog with a table of its own, through its courier (a handler
+    may open its file there, in the wrong table)."""
+    courier = PRIVATE.get(threading.get_ident())
+    if courier is None:
+        logger.log(level, message, *args, **kwargs)
+    else:
+        courier.submit(lambda: logger.log(level, message, *args, **kwargs))
 
 
 class Courier:
@@ -110,6 +123,8 @@ class Courier:
             thread.join(timeout)
         self._drain()
         self.pending = False
+        with _ASKED_LOCK:
+            _ASKED.discard(self)
 
     def _run(self) -> None:
         while True:
@@ -131,7 +146,7 @@ class Courier:
             try:
                 job()
             except Exception:
-                logger.exception("a delivery of the watchdog's raised; it goes on")
+                logger.exception("a delivery of the watchdog's raised; it goes on")  # on a thread of the process's
 
 
 class _PendingStart:
@@ -144,17 +159,20 @@ class _PendingStart:
 
     def ask(self) -> None:
         """From the watchdog: a job waits for a courier (again at each of its looks while one does)."""
+        global _QUEUED
         with _ASKED_LOCK:
-            if self._courier in _ASKED:
-                return
-            first = not _ASKED
             _ASKED.add(self._courier)
-        if first and not _add_pending():
+            if _QUEUED:
+                return  # one pending call is on its way: it starts every courier asked for
+            _QUEUED = True
+        if not _add_pending():
             with _ASKED_LOCK:
-                _ASKED.clear()  # no pending calls here: the loop's next beat starts it
+                _QUEUED = False  # no pending calls here (or their queue is full): the loop's next beat starts it
 
 
 _ASKED: set[Courier] = set()
+_QUEUED = False
+"""A pending call is queued and has not run yet (under `_ASKED_LOCK`)."""
 _ASKED_LOCK = threading.Lock()
 _CALLBACK = None
 _PLAIN_LOCK = type(threading.Lock())
@@ -163,13 +181,16 @@ _PLAIN_LOCK = type(threading.Lock())
 def _start_asked(_arg: object) -> int:
     """The pending call, on the main thread between two of its bytecodes. It takes no lock that code it
     interrupted may hold: where one is held it does nothing, and the watchdog asks again at its next look."""
+    global _QUEUED
     try:
         limbo = getattr(threading, "_active_limbo_lock", None)
         if sys.is_finalizing() or not _ASKED_LOCK.acquire(False):
+            _QUEUED = False  # this one did nothing: the watchdog's next `ask` queues another
             return 0
         try:
             couriers = list(_ASKED)
             _ASKED.clear()
+            _QUEUED = False
         finally:
             _ASKED_LOCK.release()
         for courier in couriers:

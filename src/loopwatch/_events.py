@@ -233,8 +233,10 @@ class Listeners:
             return  # removed since it was handed to the courier (it raised on an earlier event)
         try:
             listener(event)
-        except Exception:
-            logger.exception("listener %r raised; it is removed", listener)
+        except Exception as exc:
+            from ._courier import say  # on a watchdog with a table of its own: through its courier
+
+            say(logging.ERROR, "listener %r raised; it is removed", listener, exc_info=exc)
             self.remove(listener)
 
 

@@ -15,9 +15,13 @@ belong to the table that took them (`fl_owner`), the process's. From then on the
 other descriptor of the process: whatever uses them (listeners, log handlers, hooks) runs on a thread of the
 process's table (`_courier.Courier`).
 
-`LOOPWATCH_SHARED_FDS=1` keeps the watchdog in the process's table (the behaviour before this), as does
-prometheus-client's multiprocess mode (`PROMETHEUS_MULTIPROC_DIR`: each metric's value file is opened, and
-kept open, by the thread that first sets it, and metrics are set on the watchdog).
+Off by default; `LOOPWATCH_PRIVATE_FDS=1` turns it on (never with prometheus-client's multiprocess mode,
+`PROMETHEUS_MULTIPROC_DIR`: each metric's value file is opened, and kept open, by the thread that first sets
+it, and metrics are set on the watchdog). Experimental, for one hazard this design cannot rule out: Python
+runs finalizers on whichever thread drops an object's last reference or triggers a collection, and the
+watchdog allocates while it samples a blocked loop. A socket or file of the server's collected there is
+closed in the watchdog's table, not the process's: the process's descriptor stays open (a peer never sees
+its EOF), or, if its number is one the watchdog kept, that one is closed instead.
 """
 
 from __future__ import annotations
@@ -43,12 +47,12 @@ def _all_signals() -> set[signal.Signals]:
 
 
 def wanted() -> bool:
-    """Whether the watchdog should try a table of its own: on Linux, unless `LOOPWATCH_SHARED_FDS` is true."""
+    """Whether the watchdog should try a table of its own: on Linux, when `LOOPWATCH_PRIVATE_FDS` is true."""
     if not sys.platform.startswith("linux"):
         return False
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir"):
         return False  # prometheus-client's multiprocess values keep a file open per metric, made where first set
-    return os.environ.get("LOOPWATCH_SHARED_FDS", "").strip().lower() in ("", "0", "false", "no", "off")
+    return os.environ.get("LOOPWATCH_PRIVATE_FDS", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def _close_ranges(kept: set[int]) -> bool:

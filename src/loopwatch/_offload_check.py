@@ -54,8 +54,10 @@ def obstacle(fn: Any) -> str | None:
             kind = affinity(value)
             if kind is not None:
                 return f"it uses {where}, {kind}"
-    except Exception:  # an odd object must never stop a decision: judge it movable, as before the check
-        logger.debug("could not inspect %r for loop-bound objects", fn, exc_info=True)
+    except Exception as exc:  # an odd object must never stop a decision: judge it movable, as before the check
+        from ._courier import say  # it may run on a watchdog with a table of its own
+
+        say(logging.DEBUG, "could not inspect %r for loop-bound objects", fn, exc_info=exc)
     return None
 
 

@@ -31,7 +31,7 @@ from ._blame import (
     sample_frame,
     summarize,
 )
-from ._courier import Courier
+from ._courier import PRIVATE, Courier
 from ._events import BlockEvent, BlockKind, Frame
 from ._sentinel import Clock, Heartbeat
 from ._timer import StallTimer
@@ -974,6 +974,7 @@ class Watchdog:
                 self._sleeper.owner = threading.get_ident()
                 self._sleeper.private = True
             courier.barred = threading.get_ident()
+            PRIVATE[courier.barred] = courier
             self.private = True
 
     def _run(self) -> None:
@@ -1003,6 +1004,9 @@ class Watchdog:
         finally:
             self._sleeper.close()
             if self.private and self.courier is not None:
+                PRIVATE.pop(threading.get_ident(), None)
+                if isinstance(self._sleeper, _TimerSleeper):  # the process's copies: closed in its table,
+                    self.courier.submit(self._sleeper.close_shared)  # if `stop` gave up waiting for this thread
                 self.courier.finish()
             if own is not None:
                 self.detector.own_queue = lambda: None

@@ -51,7 +51,6 @@ class Courier:
         """Jobs wait and no courier thread is up: the next thread of the process's table starts one."""
         self.barred: int | None = None
         """The thread (the watchdog with a table of its own) that must never start the courier's."""
-        self._poke = _PendingStart(self)
 
     @property
     def alive(self) -> bool:
@@ -67,12 +66,12 @@ class Courier:
         if threading.get_ident() != self.barred:
             self.ensure()
         else:
-            self._poke.ask()
+            _ask_main_thread(self)
 
     def nudge(self) -> None:
         """From the watchdog, at each look: jobs still wait for a courier thread, ask the main thread again."""
         if self.pending:
-            self._poke.ask()
+            _ask_main_thread(self)
 
     def ensure(self, blocking: bool = True) -> bool:
         """Have the courier's thread up (from any thread of the process's table): the loop is not hot, or
@@ -110,7 +109,7 @@ class Courier:
             if threading.get_ident() != self.barred:
                 self.ensure()
             else:
-                self._poke.ask()
+                _ask_main_thread(self)
 
     def close(self, timeout: float = 2.0) -> None:
         """At the end of the watch, on a thread of the process's table: the thread leaves, and whatever still
@@ -149,25 +148,20 @@ class Courier:
                 logger.exception("a delivery of the watchdog's raised; it goes on")  # on a thread of the process's
 
 
-class _PendingStart:
-    """Starts the courier from the main thread, between two bytecodes, while the loop is stuck in Python code
-    (the watchdog, in a table of its own, cannot start a thread of the process's). One C callback for the
-    process, never freed: a pending call may run after its courier is gone."""
-
-    def __init__(self, courier: Courier) -> None:
-        self._courier = courier
-
-    def ask(self) -> None:
-        """From the watchdog: a job waits for a courier (again at each of its looks while one does)."""
-        global _QUEUED
+def _ask_main_thread(courier: Courier) -> None:
+    """From the watchdog (again at each of its looks while jobs wait): have the main thread start `courier`
+    between two bytecodes, while the loop is stuck in Python code (the watchdog, in a table of its own, cannot
+    start a thread of the process's). One C callback for the process, never freed: a pending call may run
+    after its courier is gone."""
+    global _QUEUED
+    with _ASKED_LOCK:
+        _ASKED.add(courier)
+        if _QUEUED:
+            return  # one pending call is on its way: it starts every courier asked for
+        _QUEUED = True
+    if not _add_pending():
         with _ASKED_LOCK:
-            _ASKED.add(self._courier)
-            if _QUEUED:
-                return  # one pending call is on its way: it starts every courier asked for
-            _QUEUED = True
-        if not _add_pending():
-            with _ASKED_LOCK:
-                _QUEUED = False  # no pending calls here (or their queue is full): the loop's next beat starts it
+            _QUEUED = False  # no pending calls here (or their queue is full): the loop's next beat starts it
 
 
 _ASKED: set[Courier] = set()

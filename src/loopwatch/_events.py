@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from ._courier import say
+
 logger = logging.getLogger("loopwatch")
 
 BlockKind = Literal["cpu", "wait", "gil", "import", "gc", "unknown"]
@@ -234,8 +236,6 @@ class Listeners:
         try:
             listener(event)
         except Exception as exc:
-            from ._courier import say  # on a watchdog with a table of its own: through its courier
-
             say(logging.ERROR, "listener %r raised; it is removed", listener, exc_info=exc)
             self.remove(listener)
 

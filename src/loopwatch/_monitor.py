@@ -18,8 +18,7 @@ import anyio.abc
 
 from . import _fdtable
 from ._blame import CallRecord, home_of, loop_base, offloaded_during, register_sdk_frames
-from ._courier import HOT_SHARE, Courier
-from ._courier import say as courier_say
+from ._courier import HOT_SHARE, Courier, say
 from ._events import BlockEvent, BlockLog, Event, JsonLinesWriter, Listener, Listeners, is_any_thread
 from ._gc import GC_CLOCK
 from ._options import Options
@@ -449,12 +448,6 @@ class Monitor:
             return courier.submit
         return None
 
-    @staticmethod
-    def say(level: int, message: str, *args: Any, **kwargs: Any) -> None:
-        """A log line from any thread: on a watchdog with a table of its own, through the courier (a handler
-        may open its file there)."""
-        courier_say(level, message, *args, **kwargs)
-
     def _run_call_hooks(self, hooks: list[Callable[..., None]], *args: Any) -> None:
         deliver = self._handing()
         for hook in list(hooks):
@@ -470,7 +463,7 @@ class Monitor:
         try:
             hook(*args)
         except Exception as exc:
-            courier_say(logging.ERROR, "hook %r raised; it is removed", hook, exc_info=exc)
+            say(logging.ERROR, "hook %r raised; it is removed", hook, exc_info=exc)
             if hook in hooks:
                 hooks.remove(hook)
 

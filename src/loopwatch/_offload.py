@@ -35,6 +35,7 @@ import anyio
 import anyio.abc
 
 from ._blame import call_key, current_call, serve_offloaded
+from ._courier import say
 from ._events import BlockEvent, OffloadEvent, any_thread
 from ._offload_check import obstacle, server_loop_object
 from ._sentinel import current_backend
@@ -579,7 +580,7 @@ class Offloader:
 
     # decisions (watchdog thread, or the console)
     @any_thread  # the decision is taken at once, on the watchdog, so the very next call moves; its log lines
-    # go through `monitor.say`, and its state file is written and closed here (no descriptor kept)
+    # go through `_courier.say`, and its state file is written and closed here (no descriptor kept)
     def on_blocking(self, call: Any, elapsed: float, importing: bool, stack: tuple[Any, ...]) -> None:
         """While a block goes on: the strike counts now, so the very next call can already move."""
         if not importing:  # an import blocks once: the module is cached after that
@@ -645,15 +646,14 @@ class Offloader:
         if tool in self.offloaded:
             return
         if not self._can_move(tool):
-            self.monitor.say(logging.INFO, "tool %s stays on the loop: %s", tool, "not a tool loopwatch can move")
+            say(logging.INFO, "tool %s stays on the loop: %s", tool, "not a tool loopwatch can move")
             return
         why_not = self._obstacle(tool)
         if why_not is not None and not insist:
             self._keep(tool, why_not, blocks)
             return
         if why_not is not None:
-            self.monitor.say(logging.WARNING, "tool %s moves off the loop as its policy insists, though %s",
-                             tool, why_not)
+            say(logging.WARNING, "tool %s moves off the loop as its policy insists, though %s", tool, why_not)
         self.offloaded[tool] = reason
         self._swap_fn(tool)
         self.monitor.post(OffloadEvent(time=time.time(), tool=tool, action="offloaded", reason=reason, blocks=blocks,
@@ -683,7 +683,7 @@ class Offloader:
             if tool in self.pinned:
                 return
             self.pinned[tool] = reason
-        self.monitor.say(logging.WARNING, "tool %s blocks the loop but stays on it: %s", tool, reason)
+        say(logging.WARNING, "tool %s blocks the loop but stays on it: %s", tool, reason)
         self.monitor.post(OffloadEvent(time=time.time(), tool=tool, action="pinned", reason=reason, blocks=blocks))
         self._save_state()
 
@@ -748,7 +748,7 @@ class Offloader:
             return
         reason = (f"a moved call failed with {type(exc).__name__} on a {type(bound).__qualname__} bound to the "
                   "server's loop; that call got its error, later calls run on the loop")
-        self.monitor.say(logging.WARNING, "tool %s is pinned to the loop: %s", tool, reason)
+        say(logging.WARNING, "tool %s is pinned to the loop: %s", tool, reason)
         self._pin(tool, reason)
 
     def _in_tool_code(self, tool: str, where: list[tuple[str, str]]) -> bool:
@@ -832,7 +832,7 @@ class Offloader:
             if tmp is not None:  # a full disk or a directory where the file should be: no temp file left behind
                 with contextlib.suppress(OSError):
                     os.unlink(tmp.name)
-            self.monitor.say(logging.ERROR, "cannot write offload state %s: %s", path, exc)
+            say(logging.ERROR, "cannot write offload state %s: %s", path, exc)
 
     def snapshot(self) -> dict[str, Any]:
         return {

@@ -24,7 +24,7 @@ import types
 from collections.abc import Iterator
 from typing import Any
 
-logger = logging.getLogger("loopwatch")
+from ._courier import say
 
 MAX_OBJECTS = 2000
 """Objects looked at per tool at most: a tool that reaches more is judged on what was seen."""
@@ -55,8 +55,6 @@ def obstacle(fn: Any) -> str | None:
             if kind is not None:
                 return f"it uses {where}, {kind}"
     except Exception as exc:  # an odd object must never stop a decision: judge it movable, as before the check
-        from ._courier import say  # it may run on a watchdog with a table of its own
-
         say(logging.DEBUG, "could not inspect %r for loop-bound objects", fn, exc_info=exc)
     return None
 

@@ -31,7 +31,7 @@ from ._blame import (
     sample_frame,
     summarize,
 )
-from ._courier import PRIVATE, Courier
+from ._courier import PRIVATE, Courier, say
 from ._events import BlockEvent, BlockKind, Frame
 from ._sentinel import Clock, Heartbeat
 from ._timer import StallTimer
@@ -743,6 +743,8 @@ class _TimerSleeper:
 
     private = False
     owner: int | None = None
+    _closed: frozenset[str] = frozenset()
+    """The tables ("own", "shared") whose copies of the pipe are closed, with a table of its own."""
 
     def __init__(self, timer: StallTimer) -> None:
         self.timer = timer
@@ -799,8 +801,6 @@ class _TimerSleeper:
                 os.write(self._write, b"w")
             except OSError:  # the pipe is full: a wake-up is already waiting
                 pass
-
-    _closed: frozenset[str] = frozenset()
 
     def close(self) -> None:
         """On the watchdog thread, as it ends: its copies (the only ones, without a table of its own)."""
@@ -951,14 +951,6 @@ class Watchdog:
             logger.warning("the stall timer failed; the watchdog looks every threshold period instead")
             self._sleeper.wake()
 
-    def _say(self, log: Callable[..., None], *args: Any, **kwargs: Any) -> None:
-        """A log line from this thread: through the courier with a table of its own (a handler may open a file)."""
-        courier = self.courier
-        if self.private and courier is not None:
-            courier.submit(lambda: log(*args, **kwargs))
-        else:
-            log(*args, **kwargs)
-
     def _go_private(self) -> None:
         """A descriptor table of the thread's own, keeping what it reads: its pipe, the stall timer, the
         loop thread's schedstat. Descriptors it opens later (its own schedstat) are its table's alone."""
@@ -995,7 +987,7 @@ class Watchdog:
                 if self._stop.is_set():
                     break
                 if not self.watched():
-                    self._say(logger.warning, "the watched loop closed without ending the watch; the watchdog stops")
+                    say(logging.WARNING, "the watched loop closed without ending the watch; the watchdog stops")
                     break
                 wait = self._step()
                 self.due_at = time.monotonic() + wait
@@ -1021,5 +1013,5 @@ class Watchdog:
         except Exception as exc:
             self._failures += 1
             if self._failures <= 3 or self._failures % 1000 == 0:
-                self._say(logger.error, "watchdog step failed (%d so far); it goes on", self._failures, exc_info=exc)
+                say(logging.ERROR, "watchdog step failed (%d so far); it goes on", self._failures, exc_info=exc)
             return self.detector.poll_interval

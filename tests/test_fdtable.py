@@ -10,6 +10,7 @@ such listeners comes and goes with the loop's load, and is started even while th
 from __future__ import annotations
 
 import fcntl
+import gc
 import logging
 import os
 import signal
@@ -32,7 +33,8 @@ async_test = pytest.mark.anyio
 
 @pytest.fixture
 def private(monkeypatch):
-    """The watchdog takes a table of its own (off by default: see `_fdtable`'s hazard)."""
+    """The watchdog takes a table of its own (the default on Linux, said here in case the suite runs with
+    LOOPWATCH_PRIVATE_FDS=0)."""
     monkeypatch.setenv("LOOPWATCH_PRIVATE_FDS", "1")
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
 
@@ -56,6 +58,8 @@ def _in_private_thread(body):
             out["value"] = body()
         except BaseException as exc:  # noqa: BLE001 - handed to the test
             out["error"] = exc
+        finally:
+            _fdtable.leave()
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -168,8 +172,20 @@ def test_the_private_table_keeps_standard_error_and_points_standard_output_at_de
 
 
 @async_test
-async def test_by_default_the_watchdog_shares_the_process_table_and_has_no_courier(monkeypatch):
+async def test_by_default_the_watchdog_reads_in_a_table_of_its_own(monkeypatch):
     monkeypatch.delenv("LOOPWATCH_PRIVATE_FDS", raising=False)
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    async with loopwatch.watch(threshold=0.05, log_blocks=False) as monitor:
+        watchdog = await _private_watchdog(monitor)
+        assert monitor._courier is not None
+        assert watchdog._thread.ident in _fdtable.PRIVATE_THREADS
+    assert watchdog._thread.ident not in _fdtable.PRIVATE_THREADS  # it left as it ended
+
+
+@pytest.mark.parametrize("value", ["0", "false", "off"])
+@async_test
+async def test_loopwatch_private_fds_0_has_the_watchdog_share_the_process_table_and_no_courier(monkeypatch, value):
+    monkeypatch.setenv("LOOPWATCH_PRIVATE_FDS", value)
     async with loopwatch.watch(threshold=0.05, log_blocks=False) as monitor:
         await anyio.sleep(0.05)
         watchdog = monitor._watchdog
@@ -387,3 +403,108 @@ def test_a_pending_call_that_could_not_run_is_asked_for_again():
         release.set()
         thread.join(10)
         courier.close()
+
+
+# -- the server's finalizers never run on a thread of another table -------------------------------------
+
+
+class _Owner:
+    """Stands for a socket or a file of the server's: its finalizer says which thread ran it."""
+
+    def __init__(self, where: list[str], cycle: bool = False) -> None:
+        self.where = where
+        if cycle:
+            self.me = self  # only a collection frees it
+
+    def __del__(self) -> None:
+        self.where.append(threading.current_thread().name)
+
+
+def test_a_collection_a_private_thread_starts_frees_nothing_there_and_a_later_one_frees_the_garbage():
+    from loopwatch._gc import GC_CLOCK
+
+    where: list[str] = []
+    GC_CLOCK.acquire()
+    try:
+        gc.collect()
+        _Owner(where, cycle=True)  # garbage in a cycle, as a socket caught in an exception's traceback is
+        put_off = GC_CLOCK.put_off
+
+        def body():
+            gc.collect()  # as a collection an allocation of this thread's would start
+            junk = [[] for _ in range(20000)]  # and those: each crossing of the young generation's threshold
+            del junk
+            return list(where)
+
+        assert _in_private_thread(body) == []
+        assert where == []
+        assert GC_CLOCK.put_off >= put_off + 2  # the explicit one and at least one an allocation started
+        assert gc.get_freeze_count() <= _fdtable._FROZEN_AT_IMPORT  # thawed as each stopped
+        gc.collect()
+        assert where == [threading.current_thread().name]
+    finally:
+        GC_CLOCK.release()
+
+
+def test_a_frame_a_private_thread_read_is_dropped_by_the_loop_at_its_beat_not_there():
+    """The watchdog reads the loop's frames; one that ends while the watchdog still holds it would free its
+    locals (a socket) where the watchdog drops it. `hold` keeps them for the loop thread's `release`."""
+    from loopwatch._watchdog import thread_sampler
+
+    where: list[str] = []
+    entered, leave = threading.Event(), threading.Event()
+
+    def serving():
+        owner = _Owner(where)  # a local: freed with the frame, when the frame is freed
+        entered.set()
+        leave.wait(10)
+        del owner  # noqa: F821 - the frame object, once read, takes the locals it still has; this one goes now
+        local = _Owner(where)  # noqa: F841 - this one goes with the frame
+        return None
+
+    worker = threading.Thread(target=serving, name="server-thread")
+    worker.start()
+    assert entered.wait(5)
+    held_before = len(_fdtable._held)
+
+    def body():
+        sample = thread_sampler(worker.ident)()
+        assert sample is not None
+        leave.set()
+        worker.join(10)  # the frame ended while this thread had read it
+        return len(_fdtable._held)
+
+    held = _in_private_thread(body)
+    assert held > held_before
+    assert where == ["server-thread"]  # `owner`, deleted by the frame's own code, on its own thread
+    _fdtable.release()
+    assert where == ["server-thread", threading.current_thread().name]  # `local`: by the release, here
+    assert not _fdtable._held
+
+
+def test_a_sampler_on_a_thread_of_the_process_s_table_holds_nothing():
+    from loopwatch._watchdog import thread_sampler
+
+    _fdtable.release()
+    leave = threading.Event()
+    worker = threading.Thread(target=leave.wait, args=(10,))
+    worker.start()
+    try:
+        assert thread_sampler(worker.ident)() is not None
+        assert not _fdtable._held
+    finally:
+        leave.set()
+        worker.join(10)
+
+
+def test_a_process_that_froze_objects_keeps_the_shared_table(monkeypatch):
+    """A put-off collection thaws what was frozen: a pre-fork server's `gc.freeze()` would be undone."""
+    monkeypatch.delenv("LOOPWATCH_PRIVATE_FDS", raising=False)
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    assert _fdtable.wanted()
+    gc.freeze()
+    try:
+        assert not _fdtable.wanted()
+    finally:
+        gc.unfreeze()
+    assert _fdtable.wanted()

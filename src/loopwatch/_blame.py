@@ -120,12 +120,13 @@ def loop_base() -> RawFrame | None:
 _COROUTINE_FLAGS = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR | inspect.CO_ITERABLE_COROUTINE
 
 
-def sample_frame(leaf: FrameType | None, base: RawFrame | None = None) -> Sample | None:
+def sample_frame(leaf: FrameType | None, base: RawFrame | None = None, seen: list[Any] | None = None) -> Sample | None:
     """Read a frame chain (from `sys._current_frames()`) into a Sample. None when there is no frame.
 
     The call is found however deep the stack is; the frames kept are bounded (`bound_stack`). `base` is the
     loop's (`loop_base`): the frames outward of it are not the task's, and a sample that stops there, or at
-    a Python loop's dispatch frame, is the loop's own."""
+    a Python loop's dispatch frame, is the loop's own. `seen`: each frame read is appended to it (a thread
+    with a descriptor table of its own hands them to `_fdtable.hold`)."""
     if leaf is None:
         return None
     raw: list[RawFrame] = []
@@ -134,6 +135,8 @@ def sample_frame(leaf: FrameType | None, base: RawFrame | None = None) -> Sample
     module: str | None = None
     frame: FrameType | None = leaf
     while frame is not None and len(raw) < MAX_WALK:
+        if seen is not None:
+            seen.append(frame)
         code = frame.f_code
         raw.append((code.co_filename, frame.f_lineno or 0, code.co_name))
         if call is None:

@@ -20,21 +20,25 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from ._fdtable import PRIVATE_THREADS
+
 logger = logging.getLogger("loopwatch")
 
 Job = Callable[[], None]
 HOT_SHARE = 0.9
 """The loop thread's share of a core, over its last second, from which the courier leaves."""
 PRIVATE: dict[int, Courier] = {}
-"""Thread id of each watchdog with a descriptor table of its own -> its courier."""
+"""Thread id of each thread with a descriptor table of its own (a watchdog, an announcement's) -> its courier."""
 
 
 def say(level: int, message: str, *args: Any, **kwargs: Any) -> None:
-    """A log line from any thread: from a watchdog with a table of its own, through its courier (a handler
-    may open its file there, in the wrong table)."""
-    courier = PRIVATE.get(threading.get_ident())
+    """A log line from any thread: from a thread with a table of its own, through its courier (a handler
+    may open its file there, in the wrong table); dropped on such a thread without one."""
+    thread = threading.get_ident()
+    courier = PRIVATE.get(thread)
     if courier is None:
-        logger.log(level, message, *args, **kwargs)
+        if thread not in PRIVATE_THREADS:
+            logger.log(level, message, *args, **kwargs)
     else:
         courier.submit(lambda: logger.log(level, message, *args, **kwargs))
 
@@ -63,10 +67,16 @@ class Courier:
                 self._wake.set()
                 return
             self.pending = True
-        if threading.get_ident() != self.barred:
+        if not self._is_barred():
             self.ensure()
         else:
             _ask_main_thread(self)
+
+    def _is_barred(self) -> bool:
+        """On a thread that must never start the courier's: one with a table of its own (its threads would
+        share that table)."""
+        thread = threading.get_ident()
+        return thread == self.barred or thread in PRIVATE_THREADS
 
     def nudge(self) -> None:
         """From the watchdog, at each look: jobs still wait for a courier thread, ask the main thread again."""
@@ -106,7 +116,7 @@ class Courier:
             self._closed = True
         self._wake.set()
         if self.pending:
-            if threading.get_ident() != self.barred:
+            if not self._is_barred():
                 self.ensure()
             else:
                 _ask_main_thread(self)

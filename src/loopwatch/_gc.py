@@ -4,6 +4,11 @@ A collection is triggered by whichever thread allocates; it stops every thread, 
 its cost grows with the whole heap, not with the code that happened to allocate. One callback in
 `gc.callbacks` for the process notes the collections that took a millisecond or more, on the monotonic
 clock the sentinel uses, so a block can say how much of it was the collector's.
+
+The same callback puts off a collection started on a thread with a descriptor table of its own (`_fdtable`):
+it freezes every tracked object as the collection starts, so the collection finds nothing to free (no
+finalizer of the server's runs there, in the wrong table), and thaws them as it stops, into the oldest
+generation, whose next collection (on a thread of the process's table, as likely as not) frees the garbage.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections import deque
 from typing import Any
 
 from ._blame import OFFLOADED_CALLS
+from ._fdtable import BORN, PRIVATE_THREADS
 
 MIN_PAUSE = 0.001
 """Collections shorter than this are not kept: a young-generation pass takes microseconds."""
@@ -31,6 +37,10 @@ class GcClock:
         """Collections run by a thread serving offloaded calls: (start, end, thread id, those calls)."""
         self._started: float | None = None
         self._offloaded: tuple[int, tuple[Any, ...]] | None = None
+        self._thaw = False
+        """A collection put off (`_fdtable`): thaw what it froze as it stops."""
+        self.put_off = 0
+        """Collections put off so far."""
         self._users = 0
         self._lock = threading.Lock()
 
@@ -41,8 +51,15 @@ class GcClock:
         if phase == "start":
             self._started = self._clock()
             thread = threading.get_ident()
+            if thread in PRIVATE_THREADS or BORN:
+                gc.freeze()  # nothing for it to free: no finalizer runs on a thread of another table
+                self._thaw = True
+                self.put_off += 1
             self._offloaded = (thread, tuple(OFFLOADED_CALLS.get(thread, ()))) if thread in OFFLOADED_CALLS else None
             return
+        if self._thaw:
+            self._thaw = False
+            gc.unfreeze()
         # Kept before the collection is marked over: a thread switch in this callback lets the loop beat and
         # the watchdog read the block, which must see the collection either going on or kept.
         started, offloaded = self._started, self._offloaded

@@ -331,6 +331,8 @@ class Monitor:
         watchdog = self._watchdog
         if watchdog is not None:
             watchdog.handoff(now)
+        if _fdtable._held:
+            _fdtable.release()  # the frames a thread with a table of its own read: dropped here, on the loop
         courier = self._courier
         if courier is not None and courier.pending:
             courier.ensure()
@@ -387,6 +389,7 @@ class Monitor:
             timer, self._timer = self._timer, None
         if watchdog is not None:
             watchdog.stop()
+            _fdtable.release()
             courier, self._courier = self._courier, None
             if courier is not None:
                 courier.close()  # what the watchdog handed it runs, here if its thread is gone

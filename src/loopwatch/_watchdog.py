@@ -33,6 +33,7 @@ from ._blame import (
 )
 from ._courier import PRIVATE, Courier, say
 from ._events import BlockEvent, BlockKind, Frame
+from ._gc import GC_CLOCK
 from ._sentinel import Clock, Heartbeat
 from ._timer import StallTimer
 
@@ -623,14 +624,24 @@ def thread_sampler(thread_id: int, base: RawFrame | None = None) -> Sampler:
     the loop's (`_blame.loop_base`), read on the loop thread."""
 
     def sample() -> Sample | None:
+        # On a watchdog with a table of its own, no frame it reads is dropped here (`_fdtable.hold`).
+        seen: list[Any] | None = [] if threading.get_ident() in _fdtable.PRIVATE_THREADS else None
         frames = sys._current_frames()
-        loop = sample_frame(frames.get(thread_id), base)
-        if loop is None or not OFFLOADED_CALLS:
-            return loop
-        others = tuple(
-            s for t in list(OFFLOADED_CALLS) if t != thread_id and (s := sample_frame(frames.get(t))) is not None
-        )
-        return replace(loop, elsewhere=others) if others else loop
+        frames.pop(threading.get_ident(), None)  # this very frame: in the dict, a cycle of the two
+        try:
+            loop = sample_frame(frames.get(thread_id), base, seen)
+            if loop is None or not OFFLOADED_CALLS:
+                return loop
+            others = tuple(
+                s
+                for t in list(OFFLOADED_CALLS)
+                if t != thread_id and (s := sample_frame(frames.get(t), None, seen)) is not None
+            )
+            return replace(loop, elsewhere=others) if others else loop
+        finally:
+            if seen is not None:
+                seen.extend(frames.values())
+                _fdtable.hold(seen)
 
     return sample
 
@@ -961,7 +972,10 @@ class Watchdog:
         fileno = getattr(self.detector.demand_clock, "fileno", None)
         if fileno is not None and (fd := fileno()) is not None:
             keep.add(fd)
-        if _fdtable.go_private(keep):
+        GC_CLOCK.acquire()  # its callback puts off the collections this thread would run (`_fdtable`)
+        if not _fdtable.go_private(keep):
+            GC_CLOCK.release()
+        else:
             if isinstance(self._sleeper, _TimerSleeper):
                 self._sleeper.owner = threading.get_ident()
                 self._sleeper.private = True
@@ -995,6 +1009,9 @@ class Watchdog:
             self._step()
         finally:
             self._sleeper.close()
+            if self.private:
+                _fdtable.leave()
+                GC_CLOCK.release()
             if self.private and self.courier is not None:
                 PRIVATE.pop(threading.get_ident(), None)
                 if isinstance(self._sleeper, _TimerSleeper):  # the process's copies: closed in its table,

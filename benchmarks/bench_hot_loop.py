@@ -5,8 +5,9 @@
 Two hot loops, on asyncio, uvloop and trio: 500,000 `sleep(0)` in one task, and 100,000 ping-pongs between
 two tasks over a pair of queues (asyncio.Queue; trio memory channels). Each run is a fresh event loop
 (`asyncio.run`, `uvloop.run`, `trio.run`); within a round the configurations run in a rotated order: bare,
-loopwatch (`watch()` with its defaults, log lines off), the same with its watchdog in a descriptor table of
-its own (`private-fds`: `LOOPWATCH_PRIVATE_FDS=1`, experimental), any `--also` copies, pyleak's
+loopwatch (`watch()` with its defaults, log lines off: on Linux its watchdog in a descriptor table of its
+own), the same with the watchdog in the process's table (`shared-fds`: `LOOPWATCH_PRIVATE_FDS=0`), any
+`--also` copies, pyleak's
 `no_event_loop_blocking()` (its defaults; `pip install pyleak`, optional: skipped when missing), bare with one
 idle thread (the floor of any watcher whose thread shares the process's descriptor table: see `idle_thread`)
 and bare again (the A/A
@@ -100,11 +101,12 @@ def watched():
 
 
 @contextlib.asynccontextmanager
-async def watched_private() -> AsyncIterator[None]:
-    """`watch()` with its watchdog in a descriptor table of its own (`LOOPWATCH_PRIVATE_FDS=1`, experimental:
-    see `loopwatch._fdtable`): no thread of the process's table beside a hot loop."""
+async def watched_shared() -> AsyncIterator[None]:
+    """`watch()` with its watchdog in the process's descriptor table (`LOOPWATCH_PRIVATE_FDS=0`; the default
+    elsewhere than Linux, and before this release): a thread of the table beside the hot loop, on the floor
+    `idle_thread` measures (see `loopwatch._fdtable`)."""
     old = os.environ.get("LOOPWATCH_PRIVATE_FDS")
-    os.environ["LOOPWATCH_PRIVATE_FDS"] = "1"
+    os.environ["LOOPWATCH_PRIVATE_FDS"] = "0"
     try:
         async with loopwatch.watch(log_blocks=False):
             yield
@@ -120,8 +122,8 @@ async def idle_thread() -> AsyncIterator[None]:
     """Bare, with one more thread parked on a lock for the run: the floor of any watcher whose thread shares the
     process's descriptor table. While two threads share one, Linux takes and drops a reference to the file at
     every system call on a descriptor (one thread alone borrows it), and a hot loop makes one (its poll) an
-    iteration. With `LOOPWATCH_PRIVATE_FDS=1` loopwatch's watchdog takes a table of its own
-    (`loopwatch._fdtable`) and is not under it."""
+    iteration. On Linux loopwatch's watchdog takes a table of its own (`loopwatch._fdtable`) and is not
+    under it."""
     parked = threading.Lock()
     parked.acquire()
     thread = threading.Thread(target=parked.acquire, daemon=True)
@@ -174,7 +176,7 @@ def run_once(backend: str, work, n: int, make) -> tuple[float, float]:
 
 
 def configurations(also: list[str]) -> dict[str, Callable[[], object]]:
-    configs: dict[str, Callable[[], object]] = {"bare": bare, "loopwatch": watched, "private-fds": watched_private}
+    configs: dict[str, Callable[[], object]] = {"bare": bare, "loopwatch": watched, "shared-fds": watched_shared}
     for name in also:  # another copy of loopwatch, importable under another name (an older release, a branch)
         module = importlib.import_module(name)
         configs[name] = lambda module=module: module.watch(log_blocks=False)

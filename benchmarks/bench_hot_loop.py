@@ -10,11 +10,12 @@ own), the same with the watchdog in the process's table (`shared-fds`: `LOOPWATC
 `--also` copies, pyleak's
 `no_event_loop_blocking()` (its defaults; `pip install pyleak`, optional: skipped when missing), bare with one
 idle thread (the floor of any watcher whose thread shares the process's descriptor table: see `idle_thread`)
-and bare again (the A/A
-line). Prints, per backend and loop, the median of the per-round ratios against bare with their quartiles,
-for the process's CPU time (the loop and any watching thread: robust to a machine that others share) and for
-wall time. Many short rounds (the default: a fifth of the counts, 20 rounds) interleave better than a few
-long ones on a shared machine; `--scale 1` runs the full counts. Ratios closer together than the A/A spread
+and bare again (the A/A line). Prints, per backend and loop, the median of the per-round ratios against bare
+with their quartiles, for the process's CPU time (the loop and any watching thread: robust to a machine that
+others share) and for wall time; then, per backend and loop, loopwatch's CPU ratio against bare and against
+pyleak in the same rounds, each median with a 95% bootstrap interval (how sure it is). Many short rounds (the
+default: a fifth of the counts, 20 rounds) interleave better than a few long ones on a shared machine;
+`--scale 1` runs the full counts. Ratios closer together than the A/A spread
 are noise. To compare with another version: `cp -r OLD/src/loopwatch /tmp/old/loopwatch_old` (its imports
 are relative), then `PYTHONPATH=/tmp/old python benchmarks/bench_hot_loop.py --also loopwatch_old`.
 """
@@ -32,6 +33,8 @@ import threading
 import time
 import warnings
 from collections.abc import AsyncIterator, Callable
+
+from _common import median_interval
 
 import loopwatch
 
@@ -228,6 +231,20 @@ def main() -> None:
                 q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
                 line += f" | {label} {statistics.median(ratios):.3f} ({q[0]:.3f}-{q[2]:.3f})"
             print(line)
+    # The two questions of the cost issue, with how sure each median is: loopwatch against bare (<= 1.02), and
+    # loopwatch against pyleak in the same rounds (<= 1: a watcher no heavier than the lightest peer).
+    print("loopwatch, CPU, median with its 95% bootstrap interval: against bare | against pyleak, same rounds")
+    for backend, work in cases:
+        base = [t[1] for t in times[(backend, work, "bare")]]
+        ours = [t[1] for t in times[(backend, work, "loopwatch")]]
+        line = f"CPU  {backend:<8} {work:<10}"
+        for name, against in (("bare", base), ("pyleak", [t[1] for t in times.get((backend, work, "pyleak"), [])])):
+            if not against:
+                continue
+            ratios = [o / b for b, o in zip(against, ours, strict=True)]
+            low, high = median_interval(ratios)
+            line += f" | vs {name} {statistics.median(ratios):.3f} ({low:.3f}-{high:.3f})"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -5,17 +5,16 @@
 Two hot loops, on asyncio, uvloop and trio: 500,000 `sleep(0)` in one task, and 100,000 ping-pongs between
 two tasks over a pair of queues (asyncio.Queue; trio memory channels). Each run is a fresh event loop
 (`asyncio.run`, `uvloop.run`, `trio.run`); within a round the configurations run in a rotated order: bare,
-loopwatch (`watch()` with its defaults, log lines off: on Linux its watchdog in a descriptor table of its
-own), the same with the watchdog in the process's table (`shared-fds`: `LOOPWATCH_PRIVATE_FDS=0`), any
-`--also` copies, pyleak's
+loopwatch (`watch()` with its defaults, log lines off), the same with its watchdog in a descriptor table of
+its own (`private-fds`: `LOOPWATCH_PRIVATE_FDS=1`, opt-in, Linux), any `--also` copies, pyleak's
 `no_event_loop_blocking()` (its defaults; `pip install pyleak`, optional: skipped when missing), bare with one
 idle thread (the floor of any watcher whose thread shares the process's descriptor table: see `idle_thread`)
 and bare again (the A/A line). Prints, per backend and loop, the median of the per-round ratios against bare
 with their quartiles, for the process's CPU time (the loop and any watching thread: robust to a machine that
-others share) and for wall time; then, per backend and loop, loopwatch's CPU ratio against bare and against
-pyleak in the same rounds, each median with a 95% bootstrap interval (how sure it is). Many short rounds (the
-default: a fifth of the counts, 20 rounds) interleave better than a few long ones on a shared machine;
-`--scale 1` runs the full counts. Ratios closer together than the A/A spread
+others share) and for wall time; then, per backend and loop, loopwatch's CPU ratio (and private-fds')
+against bare and against pyleak in the same rounds, each median with a 95% bootstrap interval (how sure it
+is). Many short rounds (the default: a fifth of the counts, 20 rounds) interleave better than a few long ones
+on a shared machine; `--scale 1` runs the full counts. Ratios closer together than the A/A spread
 are noise. To compare with another version: `cp -r OLD/src/loopwatch /tmp/old/loopwatch_old` (its imports
 are relative), then `PYTHONPATH=/tmp/old python benchmarks/bench_hot_loop.py --also loopwatch_old`.
 """
@@ -104,12 +103,11 @@ def watched():
 
 
 @contextlib.asynccontextmanager
-async def watched_shared() -> AsyncIterator[None]:
-    """`watch()` with its watchdog in the process's descriptor table (`LOOPWATCH_PRIVATE_FDS=0`; the default
-    elsewhere than Linux, and before this release): a thread of the table beside the hot loop, on the floor
-    `idle_thread` measures (see `loopwatch._fdtable`)."""
+async def watched_private() -> AsyncIterator[None]:
+    """`watch()` with its watchdog in a descriptor table of its own (`LOOPWATCH_PRIVATE_FDS=1`, opt-in: see
+    `loopwatch._fdtable`): no thread of the process's table beside a hot loop."""
     old = os.environ.get("LOOPWATCH_PRIVATE_FDS")
-    os.environ["LOOPWATCH_PRIVATE_FDS"] = "0"
+    os.environ["LOOPWATCH_PRIVATE_FDS"] = "1"
     try:
         async with loopwatch.watch(log_blocks=False):
             yield
@@ -125,8 +123,8 @@ async def idle_thread() -> AsyncIterator[None]:
     """Bare, with one more thread parked on a lock for the run: the floor of any watcher whose thread shares the
     process's descriptor table. While two threads share one, Linux takes and drops a reference to the file at
     every system call on a descriptor (one thread alone borrows it), and a hot loop makes one (its poll) an
-    iteration. On Linux loopwatch's watchdog takes a table of its own (`loopwatch._fdtable`) and is not
-    under it."""
+    iteration. With `LOOPWATCH_PRIVATE_FDS=1` loopwatch's watchdog takes a table of its own
+    (`loopwatch._fdtable`) and is not under it."""
     parked = threading.Lock()
     parked.acquire()
     thread = threading.Thread(target=parked.acquire, daemon=True)
@@ -179,7 +177,7 @@ def run_once(backend: str, work, n: int, make) -> tuple[float, float]:
 
 
 def configurations(also: list[str]) -> dict[str, Callable[[], object]]:
-    configs: dict[str, Callable[[], object]] = {"bare": bare, "loopwatch": watched, "shared-fds": watched_shared}
+    configs: dict[str, Callable[[], object]] = {"bare": bare, "loopwatch": watched, "private-fds": watched_private}
     for name in also:  # another copy of loopwatch, importable under another name (an older release, a branch)
         module = importlib.import_module(name)
         configs[name] = lambda module=module: module.watch(log_blocks=False)
@@ -233,19 +231,20 @@ def main() -> None:
             print(line)
     # The two questions of the cost issue, with how sure each median is: loopwatch against bare (<= 1.02), and
     # loopwatch against pyleak in the same rounds (<= 1: a watcher no heavier than the lightest peer).
-    print("loopwatch, CPU, median with its 95% bootstrap interval: against bare | against pyleak, same rounds")
-    for backend, work in cases:
-        base = [t[1] for t in times[(backend, work, "bare")]]
-        ours = [t[1] for t in times[(backend, work, "loopwatch")]]
-        line = f"CPU  {backend:<8} {work:<10}"
-        for name, against in (("bare", base), ("pyleak", [t[1] for t in times.get((backend, work, "pyleak"), [])])):
-            if not against:
-                continue
-            ratios = [o / b for b, o in zip(against, ours, strict=True)]
-            low, high = median_interval(ratios)
-            line += f" | vs {name} {statistics.median(ratios):.3f} ({low:.3f}-{high:.3f})"
-        print(line)
-
+    print("CPU, median with its 95% bootstrap interval: against bare | against pyleak, same rounds")
+    for ours_name in ("loopwatch", "private-fds"):
+        for backend, work in cases:
+            base = [t[1] for t in times[(backend, work, "bare")]]
+            ours = [t[1] for t in times[(backend, work, ours_name)]]
+            line = f"{ours_name:<12} {backend:<8} {work:<10}"
+            for name in ("bare", "pyleak"):
+                against = [t[1] for t in times.get((backend, work, name), [])]
+                if not against:
+                    continue
+                ratios = [o / b for b, o in zip(against, ours, strict=True)]
+                low, high = median_interval(ratios)
+                line += f" | vs {name} {statistics.median(ratios):.3f} ({low:.3f}-{high:.3f})"
+            print(line)
 
 if __name__ == "__main__":
     main()

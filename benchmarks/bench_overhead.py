@@ -20,9 +20,9 @@ process with a second thread pays for it in every system call that takes a descr
 is shared, so the kernel counts references it skips in a single-threaded process; the loop polls once per
 iteration), a floor that any watcher with a thread of its own (loopwatch's watchdog, pyleak's) stands on. A
 real stdio server already has such a thread (the SDK reads stdin on a worker thread), so there the floor is
-the bare server's too. "loopwatch core vs bare + parked thread" is what loopwatch costs above it. On Linux
-loopwatch's threads (the watchdog, the announcement's) take descriptor tables of their own and are not on
-that floor; "core, shared fds" is the core with them in the process's table (`LOOPWATCH_PRIVATE_FDS=0`).
+the bare server's too. "loopwatch core vs bare + parked thread" is what loopwatch costs above it. "core,
+private fds" is the core with its watchdog in a descriptor table of its own (`LOOPWATCH_PRIVATE_FDS=1`,
+opt-in, Linux), off that floor (the announcement's thread stays in the process's table).
 "announce on vs off" compares the defaults with and without the announcement socket that `loopwatch top`
 reads. `--also MODULE` times another copy of loopwatch (an older release copied under another name, on
 PYTHONPATH; its core configuration, announcement on) in the same run.
@@ -129,8 +129,8 @@ def ablations() -> dict[str, MCPServer]:
 CORE = {"traces": False, "log_blocks": False}
 
 
-class _shared_fds:
-    """`LOOPWATCH_PRIVATE_FDS=0` for a round when `on` (read as the watch and its announcement start)."""
+class _private_fds:
+    """`LOOPWATCH_PRIVATE_FDS=1` for a round when `on` (read as the watch starts)."""
 
     def __init__(self, on: bool) -> None:
         self.on, self.old = on, None
@@ -138,7 +138,7 @@ class _shared_fds:
     def __enter__(self) -> None:
         if self.on:
             self.old = os.environ.get("LOOPWATCH_PRIVATE_FDS")
-            os.environ["LOOPWATCH_PRIVATE_FDS"] = "0"
+            os.environ["LOOPWATCH_PRIVATE_FDS"] = "1"
 
     def __exit__(self, *exc: object) -> None:
         if self.on:
@@ -160,8 +160,8 @@ async def main(rounds: int, calls: int, also: tuple[str, ...] = (), ablate: bool
     no_mw = make_server("no-middleware")
     no_mw.middleware.clear()  # the SDK's OpenTelemetryMiddleware removed, for scale
     parked = make_server("parked-thread")  # bare, with a thread that does nothing beside it: see the docstring
-    shared = make_server("core-shared")
-    loopwatch.instrument(shared, traces=False, log_blocks=False)  # run with LOOPWATCH_PRIVATE_FDS=0
+    private = make_server("core-private")
+    loopwatch.instrument(private, traces=False, log_blocks=False)  # run with LOOPWATCH_PRIVATE_FDS=1
     servers = {
         "bare": bare,
         "core": core,
@@ -170,7 +170,7 @@ async def main(rounds: int, calls: int, also: tuple[str, ...] = (), ablate: bool
         "none": no_mw,
         "bare-again": bare_again,
         "parked": parked,
-        "shared": shared,
+        "private": private,
     }
     if ablate:
         servers.update(ablations())
@@ -179,7 +179,7 @@ async def main(rounds: int, calls: int, also: tuple[str, ...] = (), ablate: bool
         importlib.import_module(module_name).instrument(other, traces=False, log_blocks=False)
         servers[module_name] = other
     for name, server in servers.items():  # warm-up, discarded: the first run of anything in a process is slow
-        with _shared_fds(name == "shared"):
+        with _private_fds(name == "private"):
             await timed_round(server, calls)
     times: dict[str, list[float]] = {name: [] for name in servers}
     cpu: dict[str, list[float]] = {name: [] for name in servers}
@@ -188,7 +188,7 @@ async def main(rounds: int, calls: int, also: tuple[str, ...] = (), ablate: bool
     for index in range(rounds):
         order = names[index % len(names) :] + names[: index % len(names)]  # rotate who goes first
         for name in order:
-            with _shared_fds(name == "shared"):
+            with _private_fds(name == "private"):
                 seconds = await timed_round(servers[name], calls, cpu[name], opened[name],
                                             parked_thread=name == "parked")
             times[name].append(seconds)
@@ -203,7 +203,7 @@ async def main(rounds: int, calls: int, also: tuple[str, ...] = (), ablate: bool
         report("A/A: bare vs the same bare again", table["bare"], table["bare-again"])
         report("bare with a parked thread vs bare", table["bare"], table["parked"])
         report("loopwatch core vs bare + parked thread", table["parked"], table["core"])
-        report("core, shared fds vs bare", table["bare"], table["shared"])
+        report("core, private fds vs bare", table["bare"], table["private"])
         for module_name in also:
             report(f"{module_name} core vs bare", table["bare"], table[module_name])
         if ablate:

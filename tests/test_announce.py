@@ -5,7 +5,6 @@ import os
 import shutil
 import socket
 import stat
-import sys
 import tempfile
 import threading
 import time
@@ -334,50 +333,3 @@ async def test_another_user_cannot_reach_the_socket(runtime):
             user=65534, group=65534, extra_groups=[],
         ))
     assert other.stdout.strip() == "refused", other.stderr
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="unshare(CLONE_FILES) is Linux's")
-@asyncio_only
-async def test_the_announcement_answers_from_a_descriptor_table_of_its_own_and_leaves_no_descriptor(
-    runtime, monkeypatch
-):
-    """Its threads, like the watchdog, keep out of the process's table (a hot loop's floor, `_fdtable`): the
-    listener and the readers' connections are theirs alone, the answers are the same, and nothing of theirs
-    is left open in the process once the server stops."""
-    from loopwatch import _fdtable
-
-    monkeypatch.delenv("LOOPWATCH_PRIVATE_FDS", raising=False)
-    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
-
-    server = make_server()
-    handle = loopwatch.instrument(server, log_blocks=False)
-    before_threads = set(threading.enumerate())
-    before = len(os.listdir("/proc/self/fd"))
-    async with Client(server) as client:
-        await client.call_tool("ping", {})
-        [path] = await wait_for_sockets(runtime, 1)
-        announcement = _announce.integration_of(handle).current
-        with anyio.fail_after(10):
-            while announcement._process_listener is not None or not announcement._private:
-                await anyio.sleep(0.01)  # the loop closes the process's copy of the listener
-        assert announcement._thread.ident in _fdtable.PRIVATE_THREADS
-        listener_fds = {fd for fd in os.listdir(f"/proc/self/task/{announcement._thread.native_id}/fd")}
-        with _announce.Link(path, timeout=5) as link:
-            state = await anyio.to_thread.run_sync(lambda: link.ask(op="state", detail=True))
-            [reader] = [t for t in threading.enumerate() if t.name == "loopwatch-announce-reader"]
-            assert reader.ident in _fdtable.PRIVATE_THREADS
-            reader_fds = set(os.listdir(f"/proc/self/task/{reader.native_id}/fd"))
-            assert reader_fds > listener_fds  # the reader's connection: in the table the two share
-            ours = socket.socket(socket.AF_UNIX)  # opened by the process now: not in theirs
-            try:
-                assert str(ours.fileno()) not in reader_fds or os.readlink(
-                    f"/proc/self/task/{reader.native_id}/fd/{ours.fileno()}") != os.readlink(
-                    f"/proc/self/fd/{ours.fileno()}")
-            finally:
-                ours.close()
-    assert state["ok"] and state["snapshot"]["tools"]["ping"]["calls"] == 1
-    assert state["transport"] == _announce.guess_transport()  # read before fd 0 was /dev/null in its table
-    assert not path.exists()
-    assert await threads_left(before_threads) == []
-    assert not _fdtable.BORN
-    assert len(os.listdir("/proc/self/fd")) <= before  # neither the listener nor the pipe left open here

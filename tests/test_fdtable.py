@@ -33,8 +33,7 @@ async_test = pytest.mark.anyio
 
 @pytest.fixture
 def private(monkeypatch):
-    """The watchdog takes a table of its own (the default on Linux, said here in case the suite runs with
-    LOOPWATCH_PRIVATE_FDS=0)."""
+    """The watchdog takes a table of its own (opt-in: LOOPWATCH_PRIVATE_FDS=1)."""
     monkeypatch.setenv("LOOPWATCH_PRIVATE_FDS", "1")
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
 
@@ -171,25 +170,19 @@ def test_the_private_table_keeps_standard_error_and_points_standard_output_at_de
     assert err == os.readlink("/proc/self/fd/2")
 
 
+@pytest.mark.parametrize("value", [None, "", "0", "false", "off"])
 @async_test
-async def test_by_default_the_watchdog_reads_in_a_table_of_its_own(monkeypatch):
-    monkeypatch.delenv("LOOPWATCH_PRIVATE_FDS", raising=False)
-    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
-    async with loopwatch.watch(threshold=0.05, log_blocks=False) as monitor:
-        watchdog = await _private_watchdog(monitor)
-        assert monitor._courier is not None
-        assert watchdog._thread.ident in _fdtable.PRIVATE_THREADS
-    assert watchdog._thread.ident not in _fdtable.PRIVATE_THREADS  # it left as it ended
-
-
-@pytest.mark.parametrize("value", ["0", "false", "off"])
-@async_test
-async def test_loopwatch_private_fds_0_has_the_watchdog_share_the_process_table_and_no_courier(monkeypatch, value):
-    monkeypatch.setenv("LOOPWATCH_PRIVATE_FDS", value)
+async def test_by_default_and_with_loopwatch_private_fds_0_the_watchdog_shares_the_process_table(monkeypatch, value):
+    """Off unless asked for (`_fdtable`'s docstring says why)."""
+    if value is None:
+        monkeypatch.delenv("LOOPWATCH_PRIVATE_FDS", raising=False)
+    else:
+        monkeypatch.setenv("LOOPWATCH_PRIVATE_FDS", value)
     async with loopwatch.watch(threshold=0.05, log_blocks=False) as monitor:
         await anyio.sleep(0.05)
         watchdog = monitor._watchdog
         assert monitor._courier is None and not watchdog.private
+        assert watchdog._thread.ident not in _fdtable.PRIVATE_THREADS
         ours, peer = socket.socketpair()  # opened now: the watchdog sees it, one table
         try:
             assert os.readlink(f"/proc/self/task/{watchdog._thread.native_id}/fd/{ours.fileno()}") == os.readlink(
@@ -197,6 +190,15 @@ async def test_loopwatch_private_fds_0_has_the_watchdog_share_the_process_table_
         finally:
             ours.close()
             peer.close()
+
+
+@async_test
+async def test_loopwatch_private_fds_1_gives_the_watchdog_a_table_of_its_own_until_it_ends(private):
+    async with loopwatch.watch(threshold=0.05, log_blocks=False) as monitor:
+        watchdog = await _private_watchdog(monitor)
+        assert monitor._courier is not None
+        assert watchdog._thread.ident in _fdtable.PRIVATE_THREADS
+    assert watchdog._thread.ident not in _fdtable.PRIVATE_THREADS  # it left as it ended
 
 
 @async_test
@@ -497,10 +499,8 @@ def test_a_sampler_on_a_thread_of_the_process_s_table_holds_nothing():
         worker.join(10)
 
 
-def test_a_process_that_froze_objects_keeps_the_shared_table(monkeypatch):
+def test_a_process_that_froze_objects_keeps_the_shared_table(private):
     """A put-off collection thaws what was frozen: a pre-fork server's `gc.freeze()` would be undone."""
-    monkeypatch.delenv("LOOPWATCH_PRIVATE_FDS", raising=False)
-    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     assert _fdtable.wanted()
     gc.freeze()
     try:
@@ -508,3 +508,53 @@ def test_a_process_that_froze_objects_keeps_the_shared_table(monkeypatch):
     finally:
         gc.unfreeze()
     assert _fdtable.wanted()
+
+
+def test_the_loop_s_release_leaves_what_a_sampler_holds_while_it_samples_for_the_next_beat():
+    """A private sampler still refers to frames between reading them and returning: a `release` then would
+    leave it the last reference, dropped on its thread. `release` skips while `SAMPLING` is held."""
+    _fdtable.release()
+    where: list[str] = []
+    kept = _Owner(where)
+    _fdtable._held[id(kept)] = kept
+    del kept
+    with _fdtable.SAMPLING:  # as `thread_sampler` holds it on a private thread
+        releaser = threading.Thread(target=_fdtable.release, name="loop-thread")
+        releaser.start()
+        releaser.join(10)
+        assert where == [] and len(_fdtable._held) == 1
+    _fdtable.release()  # the next beat
+    assert where == [threading.current_thread().name] and not _fdtable._held
+
+
+@async_test
+async def test_a_private_watchdog_leaves_the_offload_check_s_look_at_a_tool_to_a_thread_of_the_process(
+    private, monkeypatch
+):
+    """The check walks the tool's objects (copies of its containers, a sqlite probe thread): on the watchdog a
+    reference it held last would be dropped in the wrong table. The decision goes through the courier, and the
+    tool still moves."""
+    from loopwatch import _offload
+
+    from helpers import client_for, fresh
+
+    looked_from: list[int] = []
+    check = _offload.obstacle
+
+    def recording(fn):
+        looked_from.append(threading.get_ident())
+        return check(fn)
+
+    monkeypatch.setattr(_offload, "obstacle", recording)
+    server = fresh("offload_server", "mcp")
+    handle = loopwatch.instrument(server, threshold=0.1, log_blocks=False, traces=False)
+    async with client_for(server) as client:
+        watchdog = await _private_watchdog(handle.monitor)
+        await client.call_tool("lookup", {"sku": "A"})
+        with anyio.fail_after(10):
+            while "lookup" not in handle.offload.offloaded:
+                await anyio.sleep(0.01)
+        answer = await client.call_tool("lookup", {"sku": "B"})
+    assert not answer.is_error
+    assert looked_from and watchdog._thread.ident not in looked_from
+    assert not set(looked_from) & _fdtable.PRIVATE_THREADS

@@ -35,10 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import _fdtable
-from ._courier import say
 from ._events import BlockEvent, Event, Frame, any_thread
-from ._gc import GC_CLOCK
 
 logger = logging.getLogger("loopwatch")
 
@@ -182,15 +179,10 @@ def loop_stack(monitor: Any) -> dict[str, Any]:
     from ._blame import culprit_frame, sample_frame
 
     thread_id = monitor.loop_thread_id
-    seen: list[Any] | None = [] if threading.get_ident() in _fdtable.PRIVATE_THREADS else None
     frames = sys._current_frames() if thread_id is not None else {}
     frames.pop(threading.get_ident(), None)  # this very frame: in the dict, a cycle of the two
-    try:
-        sample = sample_frame(frames.get(thread_id), None, seen) if thread_id is not None else None
-    finally:
-        if seen is not None:  # a reader with a table of its own drops no frame (`_fdtable.hold`)
-            seen.extend(frames.values())
-            _fdtable.hold(seen)
+    sample = sample_frame(frames.get(thread_id)) if thread_id is not None else None
+    del frames
     if sample is None:
         return {"stack": [], "serving": None, "culprit": None, "importing": None}
     stack = tuple(Frame(*raw) for raw in sample.stack)
@@ -220,12 +212,6 @@ class Announcement:
         self._connections: set[socket.socket] = set()
         self._streams: set[queue.SimpleQueue[Event | None]] = set()
         self._thread = threading.Thread(target=self._run, name="loopwatch-announce", daemon=True)
-        self._private = False
-        """The thread and its readers have a descriptor table of their own (`_fdtable`; set under the lock)."""
-        self._process_listener: int | None = None
-        """The process's copy of the listener once the thread's table is its own: closed by the loop."""
-        self._transport: str | None = None
-        """`guess_transport()` read before the thread's table was its own (fd 0 is /dev/null in it)."""
 
     # -- lifecycle (start and stop on the loop thread: cheap, nothing waits there) ------------------
     def start(self) -> None:
@@ -233,22 +219,11 @@ class Announcement:
         _live.add(self)
         self._thread.start()
         self.started.wait(min(START_WAIT, self.monitor.options.threshold / 2))  # see START_WAIT
-        self._close_process_listener()
-
-    def _close_process_listener(self) -> None:
-        """On the loop: the process's copy of a listener the thread's own table has (there it is the thread's
-        to close), once."""
-        with self._lock:
-            fd, self._process_listener = self._process_listener, None
-        if fd is not None:
-            _close_quietly(fd)
 
     def stop(self) -> None:
         with self._lock:
             self._closing = True
-            private = self._private
-            connections = [] if private else list(self._connections)  # a private table's: its thread's to shut
-            streams = list(self._streams)
+            connections, streams = list(self._connections), list(self._streams)
         self.monitor.remove_listener(self._fan_out)
         _live.discard(self)
         self._unlink()
@@ -262,10 +237,7 @@ class Announcement:
             _shutdown(conn)
         if self._thread.ident is not None:
             self._thread.join(timeout=1.0)
-        if private:  # the thread's table has copies of its own: the process's are closed now, whatever it does
-            self._close_pipe()
-            self._close_process_listener()
-        elif not self._thread.is_alive():  # closed only once the thread is done with it: a reused fd is not ours
+        if not self._thread.is_alive():  # closed only once the thread is done with it: a reused fd is not ours
             self._close_pipe()
 
     def _unlink(self) -> None:
@@ -280,7 +252,6 @@ class Announcement:
     def _run(self) -> None:
         try:
             listener = self._listen()
-            self._go_private(listener)
         except _StoppedFirst:  # a server that ran for less than its set-up took: nothing went wrong
             logger.debug("the server stopped before its announcement at %s was up", self.path)
             return
@@ -292,30 +263,7 @@ class Announcement:
         try:
             self._accept_loop(listener)
         finally:
-            with self._lock:
-                connections = list(self._connections)
-            for conn in connections:  # the readers' connections, shut in the table they are in: readers end
-                _shutdown(conn)
             listener.close()
-            if self._private:
-                _fdtable.leave()
-                GC_CLOCK.release()
-
-    def _go_private(self, listener: socket.socket) -> None:
-        """A descriptor table of the thread's own (`_fdtable`), keeping its listener and wake-up pipe; the
-        readers it starts share it. The process's copy of the listener is closed by `stop`."""
-        if not _fdtable.wanted():
-            return
-        self._transport = guess_transport()
-        with self._lock:
-            if self._closing:
-                return
-            GC_CLOCK.acquire()  # its callback puts off the collections these threads would run
-            if not _fdtable.go_private((listener.fileno(), self._wake_r)):
-                GC_CLOCK.release()
-                return
-            self._process_listener = listener.fileno()
-            self._private = True
 
     def _listen(self) -> socket.socket:
         """Bound under a temporary name and renamed once it listens: a `.sock` that refuses is stale."""
@@ -353,25 +301,7 @@ class Announcement:
                     conn.close()
                     return
                 self._connections.add(conn)
-            self._start_reader(conn)
-
-    def _start_reader(self, conn: socket.socket) -> None:
-        """A thread for one reader. Born in this thread's table: until it is known to `_fdtable` (its first
-        step), `_fdtable.BORN` has every collection put off (`_gc`), on whichever thread."""
-        token = object()
-        if self._private:
-            _fdtable.BORN.add(token)
-        try:
-            reader = threading.Thread(
-                target=self._serve, args=(conn, token), name="loopwatch-announce-reader", daemon=True
-            )
-            reader.start()
-        except BaseException:
-            _fdtable.BORN.discard(token)
-            with self._lock:
-                self._connections.discard(conn)
-            conn.close()
-            raise
+            threading.Thread(target=self._serve, args=(conn,), name="loopwatch-announce-reader", daemon=True).start()
 
     def _close_pipe(self) -> None:
         for fd in (self._wake_r, self._wake_w):
@@ -381,23 +311,7 @@ class Announcement:
                 pass
 
     # -- one reader's connection -------------------------------------------------------------------
-    def _serve(self, conn: socket.socket, token: object = None) -> None:
-        private = self._private
-        if private:
-            _fdtable.PRIVATE_THREADS.add(threading.get_ident())
-            GC_CLOCK.acquire()
-            _fdtable.BORN.discard(token)
-        try:
-            self._answer_all(conn)
-        finally:
-            with self._lock:
-                self._connections.discard(conn)
-            conn.close()
-            if private:
-                _fdtable.leave()
-                GC_CLOCK.release()
-
-    def _answer_all(self, conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket) -> None:
         try:
             for request in _lines(conn):  # the next request may come much later: waited for with no timeout
                 conn.settimeout(SEND_TIMEOUT)  # a reader that does not read its answer is dropped
@@ -408,6 +322,10 @@ class Announcement:
                 conn.settimeout(None)
         except (OSError, ValueError):
             pass
+        finally:
+            with self._lock:
+                self._connections.discard(conn)
+            conn.close()
 
     def _answer(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
@@ -418,7 +336,7 @@ class Announcement:
                 return {"ok": True, "name": self.name, "pid": os.getpid(),
                         "blocks": [e.to_dict() for e in list(self.log.blocks)]}
         except Exception as exc:  # a bug here must not end the reader's connection, nor the server
-            say(logging.DEBUG, "announcement answer failed", exc_info=True)  # dropped with a table of its own
+            logger.debug("announcement answer failed", exc_info=True)
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         return {"ok": False, "error": f"unknown op {op!r}; known: state, profile, events"}
 
@@ -462,7 +380,7 @@ class Announcement:
             "name": self.name,
             "pid": os.getpid(),
             "command": list(getattr(sys, "orig_argv", sys.argv)),
-            "transport": getattr(self.handle, "transport", None) or self._transport or guess_transport(),
+            "transport": getattr(self.handle, "transport", None) or guess_transport(),
             "backend": monitor.backend,
             "started_at": monitor.started_at,
             "now": time.time(),
@@ -523,13 +441,6 @@ def _same_user(conn: socket.socket) -> bool:
 def _shutdown(conn: socket.socket) -> None:
     try:
         conn.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
-def _close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
     except OSError:
         pass
 

@@ -28,7 +28,7 @@ Job = Callable[[], None]
 HOT_SHARE = 0.9
 """The loop thread's share of a core, over its last second, from which the courier leaves."""
 PRIVATE: dict[int, Courier] = {}
-"""Thread id of each thread with a descriptor table of its own (a watchdog, an announcement's) -> its courier."""
+"""Thread id of each thread with a descriptor table of its own (the watchdog, `LOOPWATCH_PRIVATE_FDS=1`) -> courier."""
 
 
 def say(level: int, message: str, *args: Any, **kwargs: Any) -> None:

@@ -1,10 +1,12 @@
-"""A descriptor table of the watchdog's own (Linux), so that the loop thread keeps the kernel's fast path.
+"""A descriptor table of the watchdog's own (Linux, opt-in: `LOOPWATCH_PRIVATE_FDS=1`), so that the loop
+thread keeps the kernel's fast path.
 
 While two threads share a descriptor table, Linux takes and drops a reference to the file at every system
 call on a descriptor (`fdget`: a thread alone in its table only borrows it). A hot loop makes one such call
 an iteration, its poll: a thread parked beside it, any thread, costs asyncio's `sleep(0)` loop 2.5 to 4%,
 uvloop's 4 to 6% (see the README's Performance section). A thread that calls `unshare(CLONE_FILES)` gets a
-copy of the table, and the process's table has one user again.
+copy of the table, and the process's table has one user again. Only a process whose loop thread is its only
+other thread gains anything: a stdio server of the SDK already has worker threads in the table.
 
 The copy holds a reference to every file open at that moment, which would keep sockets and pipes open after
 the process closes them (a peer would never see its EOF). So everything is closed in the copy at once but
@@ -12,27 +14,27 @@ what the watchdog itself uses (its wake-up pipe, the stall timer, the loop threa
 error; standard input and output are /dev/null there. The thread blocks every signal (a handler run there
 would write asyncio's wake-up byte into the wrong table). Closing in the copy drops no POSIX record lock: those
 belong to the table that took them (`fl_owner`), the process's. From then on the thread must not touch any
-other descriptor of the process: whatever uses them (listeners, log handlers, hooks) runs on a thread of the
-process's table (`_courier.Courier`).
+other descriptor of the process: whatever uses them (listeners, log handlers, hooks, the offload check's
+look at a tool's objects) runs on a thread of the process's table (`_courier.Courier`).
 
-On by default on Linux; `LOOPWATCH_PRIVATE_FDS=0` turns it off. Never with prometheus-client's multiprocess
-mode (`PROMETHEUS_MULTIPROC_DIR`: each metric's value file is opened, and kept open, by the thread that first
-sets it, and metrics are set on the watchdog), nor in a process that froze objects with `gc.freeze()` before
-the watch began (see below).
-
-Python runs a finalizer on whichever thread drops an object's last reference or runs a collection. A socket
-or file of the server's finalized on a thread with a table of its own would be closed in that table, not the
-process's: the process's descriptor would stay open (a peer never sees its EOF) or, if its number is one the
-thread kept, that one would be closed instead. Two rules keep the server's finalizers off such a thread:
+Why it is off by default: Python runs a finalizer on whichever thread drops an object's last reference or
+runs a collection. A socket or file of the server's finalized on a thread with a table of its own is closed
+in that table, not the process's: the process's descriptor stays open (a peer never sees its EOF) or, if its
+number is one the thread kept, that one is closed instead. Three rules keep the server's finalizers off the
+watchdog, and they narrow the window without closing it:
 - A collection it starts (its allocations while it samples a blocked loop cross the collector's threshold) is
   put off: `_gc`'s callback freezes every tracked object as it starts, so it finds nothing, and thaws them as
-  it stops, into the oldest generation, where the next full collection frees what is garbage. Nothing is
-  freed on that thread, and nothing is lost. (A `gc.freeze()` the server makes after the watch began is
-  thawed with them: harmless, but its objects are then looked at by full collections again.)
+  it stops, into the oldest generation, where the next full collection frees what is garbage (later than it
+  would have been). A thread switch between the freeze and the collection (rare at the default switch
+  interval) lets garbage made meanwhile be collected here. A `gc.freeze()` the server made after loopwatch's
+  import is thawed with them: never opt in with a pre-fork server that freezes.
 - The frames it reads (and so the locals, coroutines and tasks they hold) are never dropped there: `hold`
-  keeps them until the loop thread `release`s them at its next beat, where the server's code would have freed
-  them.
-Threads that take a table of their own: the watchdog, and `loopwatch top`'s announcement threads.
+  keeps them, under `SAMPLING`, until the loop thread `release`s them at its next beat, where the server's
+  code would have freed them. Values it reads from a frame's `f_locals` (a call's context) are not covered:
+  on Python 3.11 and 3.12 a second read refreshes the frame's copy of its locals on this thread.
+- What inspects a tool's objects (the offload check) runs on the courier.
+Code of other libraries that runs on every thread (gc callbacks registered before loopwatch's, audit and
+trace hooks) is not covered at all.
 """
 
 from __future__ import annotations
@@ -54,10 +56,10 @@ _FROZEN_AT_IMPORT = gc.get_freeze_count()  # the interpreter's own (3.12 freezes
 PRIVATE_THREADS: set[int] = set()
 """Threads with a table of their own (`go_private` to `leave`): collections they start are put off (`_gc`),
 frames they read are held for the loop (`hold`)."""
-BORN: set[object] = set()
-"""A token per thread being born in a table of its own and not yet in PRIVATE_THREADS: while there is one,
-`_gc` puts off every collection, on whichever thread (a moment's worth)."""
 _held: dict[int, object] = {}
+SAMPLING = threading.Lock()
+"""Held by a thread with a table of its own from its first reference to the loop's frames until it has
+dropped its last one but those in `_held`: `release` never empties `_held` meanwhile."""
 
 
 def hold(objects: object) -> None:
@@ -72,13 +74,20 @@ def hold(objects: object) -> None:
 
 def release() -> None:
     """On a thread of the process's table (the loop's, at each beat; the watch's end): drop what `hold` kept.
-    `dict.clear` empties the dict before it drops a reference, so a `hold` meanwhile (the GIL changes hands
-    in a finalizer) lands in the emptied dict, for the next release."""
-    _held.clear()
+    Not while a thread with a table of its own is sampling (`SAMPLING`: the frames it still refers to would
+    then be dropped there, not here): the next beat does it. The dropping happens outside the lock."""
+    global _held
+    if not SAMPLING.acquire(blocking=False):
+        return
+    try:
+        kept, _held = _held, {}
+    finally:
+        SAMPLING.release()
+    kept.clear()
 
 
 def leave() -> None:
-    """A thread with a table of its own ends."""
+    """A thread with a table of its own ends: its last step (what threading runs after it is not covered)."""
     PRIVATE_THREADS.discard(threading.get_ident())
 
 
@@ -91,15 +100,17 @@ def _all_signals() -> set[signal.Signals]:
 
 
 def wanted() -> bool:
-    """Whether loopwatch's threads should try tables of their own: on Linux unless `LOOPWATCH_PRIVATE_FDS` is
-    false (0, false, no, off)."""
+    """Whether loopwatch's watchdog should try a table of its own: on Linux, when `LOOPWATCH_PRIVATE_FDS` is
+    true (1, true, yes, on). Off by default: see this module's docstring."""
     if not sys.platform.startswith("linux"):
+        return False
+    if os.environ.get("LOOPWATCH_PRIVATE_FDS", "").strip().lower() not in ("1", "true", "yes", "on"):
         return False
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir"):
         return False  # prometheus-client's multiprocess values keep a file open per metric, made where first set
     if gc.get_freeze_count() > _FROZEN_AT_IMPORT:
         return False  # the server froze objects (a pre-fork server): a put-off collection would thaw them
-    return os.environ.get("LOOPWATCH_PRIVATE_FDS", "").strip().lower() not in ("0", "false", "no", "off")
+    return True
 
 
 def _close_ranges(kept: set[int]) -> bool:
@@ -125,9 +136,10 @@ def go_private(keep: Iterable[int]) -> bool:
         unshare = _libc().unshare
     except (OSError, AttributeError):
         return False
+    PRIVATE_THREADS.add(threading.get_ident())  # before the table is its own: a collection then is put off
     if unshare(CLONE_FILES) != 0:
+        PRIVATE_THREADS.discard(threading.get_ident())
         return False
-    PRIVATE_THREADS.add(threading.get_ident())
     # No signal for this thread: its handler's write to the wake-up descriptor (asyncio's, set by the loop
     # thread) would miss the process's table, and the loop would sleep through Ctrl-C. The kernel gives a
     # signal for the process to a thread that does not block it.

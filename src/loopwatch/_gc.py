@@ -20,7 +20,7 @@ from collections import deque
 from typing import Any
 
 from ._blame import OFFLOADED_CALLS
-from ._fdtable import BORN, PRIVATE_THREADS
+from ._fdtable import PRIVATE_THREADS
 
 MIN_PAUSE = 0.001
 """Collections shorter than this are not kept: a young-generation pass takes microseconds."""
@@ -51,7 +51,7 @@ class GcClock:
         if phase == "start":
             self._started = self._clock()
             thread = threading.get_ident()
-            if thread in PRIVATE_THREADS or BORN:
+            if thread in PRIVATE_THREADS:
                 gc.freeze()  # nothing for it to free: no finalizer runs on a thread of another table
                 self._thaw = True
                 self.put_off += 1

@@ -35,7 +35,7 @@ import anyio
 import anyio.abc
 
 from ._blame import call_key, current_call, serve_offloaded
-from ._courier import say
+from ._courier import PRIVATE, say
 from ._events import BlockEvent, OffloadEvent, any_thread
 from ._offload_check import obstacle, server_loop_object
 from ._sentinel import current_backend
@@ -644,6 +644,12 @@ class Offloader:
 
     def _offload(self, tool: str, reason: str, blocks: int, insist: bool = False) -> None:
         if tool in self.offloaded:
+            return
+        courier = PRIVATE.get(threading.get_ident())
+        if courier is not None and tool not in self._obstacles:
+            # A watchdog with a descriptor table of its own (`_fdtable`) never looks at a tool's objects: a
+            # reference it held last would run a finalizer of the server's in the wrong table.
+            courier.submit(lambda: self._offload(tool, reason, blocks, insist))
             return
         if not self._can_move(tool):
             say(logging.INFO, "tool %s stays on the loop: %s", tool, "not a tool loopwatch can move")

@@ -624,8 +624,14 @@ def thread_sampler(thread_id: int, base: RawFrame | None = None) -> Sampler:
     the loop's (`_blame.loop_base`), read on the loop thread."""
 
     def sample() -> Sample | None:
-        # On a watchdog with a table of its own, no frame it reads is dropped here (`_fdtable.hold`).
-        seen: list[Any] | None = [] if threading.get_ident() in _fdtable.PRIVATE_THREADS else None
+        if threading.get_ident() not in _fdtable.PRIVATE_THREADS:
+            return sampled(None)
+        # On a watchdog with a table of its own, no frame it reads is dropped here (`_fdtable.hold`): the
+        # loop's `release` waits (for its next beat) until `sampled` has returned and dropped its references.
+        with _fdtable.SAMPLING:
+            return sampled([])
+
+    def sampled(seen: list[Any] | None) -> Sample | None:
         frames = sys._current_frames()
         frames.pop(threading.get_ident(), None)  # this very frame: in the dict, a cycle of the two
         try:
@@ -1009,9 +1015,6 @@ class Watchdog:
             self._step()
         finally:
             self._sleeper.close()
-            if self.private:
-                _fdtable.leave()
-                GC_CLOCK.release()
             if self.private and self.courier is not None:
                 PRIVATE.pop(threading.get_ident(), None)
                 if isinstance(self._sleeper, _TimerSleeper):  # the process's copies: closed in its table,
@@ -1020,6 +1023,9 @@ class Watchdog:
             if own is not None:
                 self.detector.own_queue = lambda: None
                 own.close()
+            if self.private:  # last: collections until here are put off
+                _fdtable.leave()
+                GC_CLOCK.release()
 
     def _step(self) -> float:
         try:

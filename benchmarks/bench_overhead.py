@@ -31,8 +31,9 @@ PYTHONPATH; its core configuration, announcement on) in the same run.
 "pass-through middleware" (an `async def` that only awaits `call_next`: the SDK's price for any layer, a
 `partial`, its adapter and a coroutine per request), "loopwatch middleware only" (the core with its
 lifespan hook undone: no sentinel, no watchdog), "loopwatch watch only" (the core with its middleware taken
-out of the chain), "core, announce off" (both together), and "core, 50 ms beats" (`interval=0.05`). What
-the two pieces cost together above their sum is what one costs in the presence of the other.
+out of the chain), "core, announce off" (both together), "core, 50 ms beats" and "core, 100 ms beats"
+(`interval=0.05`, `0.1`: what the beat rate costs, against "core, announce off"). What the two pieces cost
+together above their sum is what one costs in the presence of the other.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ ABLATIONS = (
     "loopwatch watch only",
     "core, announce off",
     "core, 50 ms beats",
+    "core, 100 ms beats",
 )
 
 
@@ -123,6 +125,7 @@ def ablations() -> dict[str, MCPServer]:
     watch_only.adapter.remove(watch_only.middleware)  # the watch alone
     loopwatch.instrument(servers["core, announce off"], **CORE, announce=False)
     loopwatch.instrument(servers["core, 50 ms beats"], **CORE, announce=False, interval=0.05)
+    loopwatch.instrument(servers["core, 100 ms beats"], **CORE, announce=False, interval=0.1)
     return servers
 
 
@@ -209,6 +212,8 @@ async def main(rounds: int, calls: int, also: tuple[str, ...] = (), ablate: bool
         if ablate:
             for name in ABLATIONS:
                 report(f"{name} vs bare", table["bare"], table[name])
+            for name in ("core, 50 ms beats", "core, 100 ms beats"):  # the beat rate alone, paired in each round
+                report(f"{name} vs 10 ms (announce off)", table["core, announce off"], table[name])
     print("session start (client open and initialize: the server's lifespan, loopwatch's start), not in the above:")
     report("loopwatch core vs bare", opened["bare"], opened["core"], added=True)
     report("loopwatch defaults vs bare", opened["bare"], opened["default"], added=True)

@@ -32,8 +32,10 @@ PYTHONPATH; its core configuration, announcement on) in the same run.
 `partial`, its adapter and a coroutine per request), "loopwatch middleware only" (the core with its
 lifespan hook undone: no sentinel, no watchdog), "loopwatch watch only" (the core with its middleware taken
 out of the chain), "core, announce off" (both together), "core, 50 ms beats" and "core, 100 ms beats"
-(`interval=0.05`, `0.1`: what the beat rate costs, against "core, announce off"). What the two pieces cost
-together above their sum is what one costs in the presence of the other.
+(`interval=0.05`, `0.1`: what the beat rate costs, against "core, announce off"), and "bare, 10 ms wake-up"
+(the bare server beside a loop reader that only re-arms its 10 ms timerfd: what waking the loop a hundred
+times a second costs by itself, whatever the beat does). What the two pieces cost together above their sum is
+what one costs in the presence of the other.
 """
 
 from __future__ import annotations
@@ -68,21 +70,46 @@ async def timed_round(
     cpu: list[float] | None = None,
     opened: list[float] | None = None,
     parked_thread: bool = False,
+    wake_up: bool = False,
 ) -> float:
     """Seconds per call; with `cpu`, the process's CPU seconds per call are appended to it (client, server
     and watchdog thread alike: less sensitive than wall time to a machine that others share); with `opened`,
     the seconds the session took to open (the server's start), which the per-call figure leaves out; with
-    `parked_thread`, a thread that does nothing (parked on an event) lives through the round."""
+    `parked_thread`, a thread that does nothing (parked on an event) lives through the round; with `wake_up`, a
+    reader on the loop that only re-arms its 10 ms timerfd (a beat that does nothing: what waking the loop
+    costs by itself)."""
     parked = threading.Event()
     thread = threading.Thread(target=parked.wait, daemon=True) if parked_thread else None
     if thread is not None:
         thread.start()
+    stop_waking = _wake_up_every(0.01) if wake_up else None
     try:
         return await _round(server, calls, cpu, opened)
     finally:
+        if stop_waking is not None:
+            stop_waking()
         parked.set()
         if thread is not None:
             thread.join()
+
+
+def _wake_up_every(seconds: float):  # noqa: ANN202
+    """A timerfd reader on the running loop that only re-arms itself; returns what removes it."""
+    import asyncio
+
+    from loopwatch._timer import stall_timer
+
+    loop, timer = asyncio.get_running_loop(), stall_timer(seconds)
+    if timer is None or timer.fd is None:
+        raise SystemExit("--ablate's wake-up line needs a Linux timerfd")
+    timer.arm()
+    loop.add_reader(timer.fd, timer.arm)
+
+    def stop() -> None:
+        loop.remove_reader(timer.fd)
+        timer.close()
+
+    return stop
 
 
 async def _round(server: MCPServer, calls: int, cpu: list[float] | None, opened: list[float] | None) -> float:
@@ -107,6 +134,7 @@ ABLATIONS = (
     "core, announce off",
     "core, 50 ms beats",
     "core, 100 ms beats",
+    "bare, 10 ms wake-up",
 )
 
 
@@ -126,6 +154,7 @@ def ablations() -> dict[str, MCPServer]:
     loopwatch.instrument(servers["core, announce off"], **CORE, announce=False)
     loopwatch.instrument(servers["core, 50 ms beats"], **CORE, announce=False, interval=0.05)
     loopwatch.instrument(servers["core, 100 ms beats"], **CORE, announce=False, interval=0.1)
+    # "bare, 10 ms wake-up" stays bare: its rounds run beside a do-nothing reader (`timed_round(wake_up=True)`)
     return servers
 
 
@@ -183,7 +212,7 @@ async def main(rounds: int, calls: int, also: tuple[str, ...] = (), ablate: bool
         servers[module_name] = other
     for name, server in servers.items():  # warm-up, discarded: the first run of anything in a process is slow
         with _private_fds(name == "private"):
-            await timed_round(server, calls)
+            await timed_round(server, calls, wake_up=name == "bare, 10 ms wake-up")
     times: dict[str, list[float]] = {name: [] for name in servers}
     cpu: dict[str, list[float]] = {name: [] for name in servers}
     opened: dict[str, list[float]] = {name: [] for name in servers}
@@ -193,7 +222,8 @@ async def main(rounds: int, calls: int, also: tuple[str, ...] = (), ablate: bool
         for name in order:
             with _private_fds(name == "private"):
                 seconds = await timed_round(servers[name], calls, cpu[name], opened[name],
-                                            parked_thread=name == "parked")
+                                            parked_thread=name == "parked",
+                                            wake_up=name == "bare, 10 ms wake-up")
             times[name].append(seconds)
     print(f"{rounds} rounds x {calls} sequential in-memory tools/call round trips, configurations rotated per round")
     for label, table in (("wall", times), ("CPU", cpu)):

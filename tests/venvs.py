@@ -63,7 +63,15 @@ def _uv() -> str | None:
     return shutil.which("uv")
 
 
-def _pip(python: str, args: list[str]) -> None:
+def _attempt(cmd: list[str], what: str) -> str | None:
+    """Run one install command: None when it worked, else what it printed."""
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=INSTALL_TIMEOUT)
+    if done.returncode == 0:
+        return None
+    return f"{what} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+
+
+def _install(python: str, args: list[str]) -> None:
     """Install `args` into the environment of `python`: with uv when there is one, else (or if uv fails) pip.
 
     uv resolves and installs the same requirements as pip in a tenth of the time (5 s against 48 s for the
@@ -72,19 +80,17 @@ def _pip(python: str, args: list[str]) -> None:
     uv = _uv()
     failures = []
     if uv is not None:
-        cmd = [uv, "pip", "install", "-q", "--python", python, *args]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=INSTALL_TIMEOUT)
-        if done.returncode == 0:
+        failure = _attempt([uv, "pip", "install", "-q", "--python", python, *args], f"uv pip install {' '.join(args)}")
+        if failure is None:
             return
-        failures.append(f"uv pip install {' '.join(args)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+        failures.append(failure)
     if subprocess.run([python, "-m", "pip", "--version"], capture_output=True, timeout=60).returncode != 0:
         subprocess.run([python, "-m", "ensurepip"], capture_output=True, timeout=300)  # made for uv, without pip
     # --no-compile: a quarter less install time; the few modules a test imports compile as they load.
     cmd = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-compile", *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=INSTALL_TIMEOUT)
-    if done.returncode != 0:
-        failures.append(f"pip install {' '.join(args)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
-        raise RuntimeError("\n".join(failures))
+    failure = _attempt(cmd, f"pip install {' '.join(args)}")
+    if failure is not None:
+        raise RuntimeError("\n".join([*failures, failure]))
 
 
 def sdk_venv(name: str, requirements: list[str], *, loopwatch: str | None = "", no_deps_loopwatch: bool = False) -> Venv:
@@ -104,16 +110,16 @@ def sdk_venv(name: str, requirements: list[str], *, loopwatch: str | None = "", 
     VENVS.mkdir(exist_ok=True)
     if path.exists():
         shutil.rmtree(path)
-    # Without pip when uv installs (pip's own install is 7 of a 10 s environment); `_pip` adds it if uv fails.
+    # Without pip when uv installs (pip's own install is 7 of a 10 s environment); `_install` adds it if uv fails.
     without_pip = ["--without-pip"] if _uv() is not None else []
     subprocess.run([sys.executable, "-m", "venv", *without_pip, str(path)], check=True, timeout=300)
     args = list(requirements)
     if loopwatch is not None and not no_deps_loopwatch:
         args = ["-e", f"{ROOT}{loopwatch}", *args]
     if args:
-        _pip(venv.python, args)
+        _install(venv.python, args)
     if loopwatch is not None and no_deps_loopwatch:
-        _pip(venv.python, ["--no-deps", "-e", str(ROOT)])
+        _install(venv.python, ["--no-deps", "-e", str(ROOT)])
     stamp.write_text(stamp_text)
     return venv
 

@@ -315,6 +315,31 @@ def test_a_short_collection_inside_a_sleep_leaves_it_a_wait_block_and_is_counted
     assert w.announced == [record]
 
 
+def test_a_call_first_seen_through_the_sdks_frame_is_blamed_through_the_middlewares_record():
+    # Seen in CI on a loaded machine: a collection began in the SDK's code before loopwatch's middleware ran
+    # for the call; the watchdog's first looks found the call only through the SDK's frame (no label, no start),
+    # then the middleware's (label and start). Blamed through the first, the offloader never counted the block.
+    w = World(threshold=0.05)
+    w.healthy()
+    ctx = object()
+    from_sdk = CallRecord("tools/call", "parse", 2, ctx)
+    from_middleware = CallRecord("tools/call", "parse", 2, ctx, label="parse")
+    from_middleware.started = w.now
+    start = w.now
+    collect_garbage(w, 0.08, sample=Sample(TOOL_STACK, from_sdk))
+    w.sample = Sample(TOOL_STACK, from_sdk)  # the first looks after the collection: the middleware not yet in
+    w.run(0.03, cpu_share=0.5)
+    w.sample = Sample(TOOL_STACK, from_middleware)  # then the tool sleeps inside it
+    w.run(0.2, cpu_share=0.02)
+    w.now += 0.01
+    w.beat(lag=w.now - start - 0.01)
+    w.healthy(0.03)
+    [(event, blamed)] = w.events
+    assert (event.kind, event.tool) == ("wait", "parse")
+    assert blamed is from_middleware and blamed.label == "parse"
+    assert w.announced == [from_middleware]
+
+
 def test_collections_outside_a_block_are_not_counted_in_it():
     w = World()
     w.gc.note(w.now - 1.0, w.now - 0.5)

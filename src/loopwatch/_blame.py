@@ -487,6 +487,22 @@ def call_key(call: CallRecord) -> int:
     return id(call.ctx) if call.ctx is not None else id(call)
 
 
+def richer(kept: CallRecord | None, seen: CallRecord | None) -> CallRecord | None:
+    """Of two records of one call (one `call_key`), the one to keep: `kept`, unless `seen` was made or read by
+    loopwatch's middleware (it has `started`, and a tool's label) and `kept` only from the SDK's frame. A
+    sample taken before the middleware's frame ran or set its locals (right after a collection that began in
+    the SDK's code, on a loaded machine) finds the call only through the SDK's frame: a call blamed through
+    that record had no label, so the offloader never counted its blocks, and it had none of the call's hooks'
+    state (its span, its blocked time)."""
+    if kept is None or (seen is not None and _made_by_middleware(seen) > _made_by_middleware(kept)):
+        return seen
+    return kept
+
+
+def _made_by_middleware(call: CallRecord) -> tuple[bool, bool]:
+    return call.started > 0, bool(call.label)
+
+
 @dataclass(frozen=True, slots=True)
 class Profile:
     """What a series of samples during one block says."""
@@ -509,7 +525,9 @@ def summarize(samples: Sequence[Sample]) -> Profile:
     if calls:
         best, count = calls.most_common(1)[0]
         if count * 2 > len(samples):
-            call = next(s.call for s in samples if s.call is not None and call_key(s.call) == best)
+            for s in samples:
+                if s.call is not None and call_key(s.call) == best:
+                    call = richer(call, s.call)
     importing = sum(1 for s in samples if is_import(s.stack)) * 2 > len(samples)
     module = next((s.module for s in reversed(samples) if s.module), None) if importing else None
     frames = tuple(Frame(f, ln, fn) for f, ln, fn in hottest)

@@ -28,6 +28,7 @@ from ._blame import (
     culprit_frame,
     is_import,
     is_own,
+    richer,
     sample_frame,
     summarize,
 )
@@ -146,11 +147,13 @@ class _Block:
         self.late_looks += starved
         if starved and self.released is None:
             self.released = sample
-        if not starved:
-            self.honest_calls[call_key(sample.call) if sample.call is not None else 0] = sample.call
         key = call_key(sample.call) if sample.call is not None else 0
+        if not starved:
+            self.honest_calls[key] = richer(self.honest_calls.get(key), sample.call)
         if not self.runs or (self.runs[-1].key != key and len(self.runs) < MAX_RUNS):
             self.runs.append(_Run(key, sample.call, now, now))
+        elif self.runs[-1].key == key:
+            self.runs[-1].call = richer(self.runs[-1].call, sample.call)
         self.runs[-1].add(sample, now)
         self.runs[-1].late_looks += starved
 

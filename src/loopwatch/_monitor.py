@@ -433,12 +433,22 @@ class Monitor:
         blamed = event.kind != "gc" or event.offloaded
         if call is not None and blamed:
             call.blocked_s += event.duration_s
-        row = self.stats.tool(call.label if call else OTHER) if event.method == "tools/call" and blamed else None
+        row = self.stats.tool(self._row_label(call)) if event.method == "tools/call" and blamed else None
         if row is not None:
             row.blocks += 1
             row.blocked_s += event.duration_s
         self._run_call_hooks(self.block_hooks, event, call)
         self._dispatch(event)
+
+    def _row_label(self, call: CallRecord | None) -> str:
+        """The stats row a blocked tools/call counts in. A record read from the SDK's own frame (`watch()`, no
+        middleware) has no label: its name if the server's tools are known to have it, else `_OTHER`; never a
+        row named "" (as there was). The registry is not asked here: this is the watchdog's thread."""
+        if call is None:
+            return OTHER
+        if call.label:
+            return call.label
+        return call.tool if call.tool in self.tools.known else OTHER
 
     def _on_blocking(self, call: CallRecord, elapsed: float, importing: bool, stack: tuple[Any, ...]) -> None:
         self._run_call_hooks(self.blocking_hooks, call, elapsed, importing, stack)

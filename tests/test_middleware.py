@@ -187,3 +187,30 @@ async def test_what_the_server_raises_comes_out_unwrapped(anyio_backend):
     with pytest.raises(KeyError):
         async with loopwatch.watch(log_blocks=False):
             raise KeyError("mine")
+
+
+def test_a_tool_error_is_read_from_each_shape_of_result_the_sdks_answer_with():
+    import pydantic
+    from mcp.types import CallToolResult, TextContent
+
+    from loopwatch.mcp import _is_tool_error
+
+    class LegacyResult(pydantic.BaseModel):  # mcp 1.x's CallToolResult: the flag is `isError`
+        isError: bool = False
+
+    class LegacyServerResult(pydantic.RootModel[LegacyResult]):  # and its ServerResult around it
+        pass
+
+    text = [TextContent(type="text", text="x")]
+    cases = [
+        ({"content": [], "isError": True}, True),
+        ({"content": []}, False),
+        (CallToolResult(content=text, is_error=True), True),
+        (CallToolResult(content=text), False),
+        (LegacyServerResult(LegacyResult(isError=True)), True),
+        (LegacyServerResult(LegacyResult()), False),
+        (LegacyResult(isError=True), True),
+        (object(), False),
+    ]
+    for _ in range(2):  # the second time from each class's shape, found the first
+        assert [_is_tool_error(result) for result, _ in cases] == [expected for _, expected in cases]

@@ -191,10 +191,31 @@ register_call_frame(LoopwatchMiddleware._call_with_record.__code__)
 
 
 def _is_tool_error(result: Any) -> bool:
+    """Whether a tools/call result is a tool error: a dict's `isError`; a model's `is_error` (mcp 2.x) or
+    `isError` (1.x), inside the `root` of mcp 1.x's ServerResult. Each class's shape is found once
+    (`_shape_of`): a pydantic model raises inside its `__getattr__` for a name it lacks, and asking every
+    call for the other era's name cost 4.8 us a call on mcp 1.x and 9 us on a 2.x model (in place of 0.2)."""
     if isinstance(result, dict):
         return result.get("isError") is True
-    result = getattr(result, "root", result)  # mcp 1.x handlers answer a ServerResult around the result
-    return getattr(result, "is_error", False) is True or getattr(result, "isError", False) is True
+    shape = _RESULT_SHAPES.get(result.__class__) or _shape_of(result)
+    if shape[0]:  # mcp 1.x handlers answer a ServerResult around the result
+        result = result.root
+        shape = _RESULT_SHAPES.get(result.__class__) or _shape_of(result)
+    flag = shape[1]
+    return flag is not None and getattr(result, flag, False) is True
+
+
+_RESULT_SHAPES: dict[type, tuple[bool, str | None]] = {}
+"""Result class -> (it wraps the result in `root`, the name of its error flag or None). Bounded (`_shape_of`)."""
+
+
+def _shape_of(result: Any) -> tuple[bool, str | None]:
+    wraps = hasattr(result, "root")
+    flag = next((name for name in ("is_error", "isError") if hasattr(result, name)), None)
+    shape = (wraps and flag is None, flag)
+    if len(_RESULT_SHAPES) < 256:  # a server answering with ever new classes is read the slow way past that
+        _RESULT_SHAPES[result.__class__] = shape
+    return shape
 
 
 def _listed_names(result: Any) -> list[Any]:

@@ -216,7 +216,8 @@ async def test_lw_where_shows_the_blocking_tool_and_line_over_telnet_while_the_l
     where = seen["where"]
     assert "serving    tools/call stall (request" in where
     hold_line = line_of(target["server"], "# HOLD")  # the line to fix: the innermost of the server's own code
-    assert f"-> {target['server']}:{hold_line} in hold" in where
+    # One live look: the loop is in the sleep, or (CI saw it once) in the `while` test right above it.
+    assert any(f"-> {target['server']}:{line} in hold" in where for line in (hold_line, hold_line - 1)), where
     assert f"{target['server']}:{stall_line} in stall" in where
     assert "BLOCKED" in seen["lag"].splitlines()[0]
     assert "stall" in seen["tools"]

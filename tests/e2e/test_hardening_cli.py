@@ -220,12 +220,24 @@ def test_a_hostile_request_id_over_stdio_is_answered_as_sent_and_reported_cut_an
             call = {"jsonrpc": "2.0", "id": EVIL_ID, "method": "tools/call",
                     "params": {"name": "lookup", "arguments": {"sku": "E"}}}
             lines = [INITIALIZE, {"jsonrpc": "2.0", "method": "notifications/initialized"}, call]
-            out, _ = proc.communicate(b"".join(json.dumps(m).encode() + b"\n" for m in lines), timeout=60)
+            # stdin stays open until both answers are in, as a client's does: at end of input the SDK cancels the
+            # calls still in flight, bare or wrapped (a bare server under load lost this answer in 7 runs of 20
+            # when its input closed right behind the call); the guard kills a server that never answers
+            guard = threading.Timer(60, proc.kill)
+            guard.start()
+            try:
+                proc.stdin.write(b"".join(json.dumps(m).encode() + b"\n" for m in lines))
+                proc.stdin.flush()
+                out = [proc.stdout.readline() for _ in range(2)]
+            finally:
+                guard.cancel()
+            proc.stdin.close()
+            assert proc.wait(30) == 0
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
-    answers = [json.loads(line) for line in out.splitlines()]
+    answers = [json.loads(line) for line in out if line]
     assert [a["id"] for a in answers] == [1, EVIL_ID] and "result" in answers[1]  # the client's id, untouched
     text = errors.read_bytes()
     assert b"\x1b" not in text and b"\x07" not in text

@@ -193,22 +193,60 @@ async def test_two_watches_of_one_idle_loop_both_catch_a_block_and_leave_its_sel
     assert "select" not in vars(selector)
 
 
-@needs_timer
-@pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
-async def test_a_watched_asyncio_loop_has_no_timer_of_the_watch_in_its_scheduled_heap(anyio_backend):
-    """Each timer the server pushes onto asyncio's heap (the SDK starts one per request) is compared, in Python,
-    with those already there, and each loop iteration looks at the heap's head: the watch leaves it as it was
-    (a sentinel parked in `sleep(inf)` left a timer there for as long as it watched)."""
+def _beats_on_heap(loop) -> list:
+    return [h for h in loop._scheduled if not h.cancelled() and "_beat_by_timerfd" in h._callback.__qualname__]
+
+
+async def _hot_until(monitor, beats: int, heap_empty: bool = True) -> None:
+    """A hot `sleep(0)` loop until the sentinel has beaten `beats` more times (its deadline is no timer: a
+    timer would be on the heap), asserting that nothing of the watch is on the heap, or at most one pending
+    beat."""
     import asyncio
 
     loop = asyncio.get_running_loop()
-    before = set(loop._scheduled)  # type: ignore[attr-defined]
+    target = monitor.heartbeat.beat[0] + beats
+    deadline = time.monotonic() + 10
+    while monitor.heartbeat.beat[0] < target:
+        assert time.monotonic() < deadline, "the sentinel stopped beating"
+        assert len(_beats_on_heap(loop)) <= (0 if heap_empty else 1)
+        await asyncio.sleep(0)
+
+
+async def _hot_while(condition) -> None:
+    import asyncio
+
+    deadline = time.monotonic() + 10
+    while condition():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0)
+
+
+@needs_timer
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
+async def test_a_hot_asyncio_loop_gets_no_timer_of_the_watch_in_its_scheduled_heap(anyio_backend):
+    """A hot loop with an empty scheduled heap skips the heap in each iteration: the watch leaves it empty (a
+    sentinel parked in `sleep(inf)` left a timer there for as long as it watched) and beats by its timerfd.
+    While the heap holds others' timers (the SDK keeps one per request in flight), the loop already looks at
+    its head every iteration, and the beat rides there instead of a kernel timer firing; it goes back to the
+    timerfd when the heap empties."""
+    import asyncio
+    import heapq
+
+    loop = asyncio.get_running_loop()
     async with loopwatch.watch(threshold=0.1, log_blocks=False) as monitor:
-        with anyio.fail_after(10):
-            while monitor.heartbeat.beat[0] < 3:  # the sentinel is up and has beaten
-                await anyio.sleep(0.01)
-        added = [h for h in loop._scheduled if h not in before and not h.cancelled()]  # type: ignore[attr-defined]
-    assert added == []
+        await _hot_while(lambda: [h for h in loop._scheduled if not h.cancelled()])  # the watch's start-up's
+        loop._scheduled.clear()  # cancelled handles asyncio has not dropped yet
+        loop._timer_cancelled_count = 0
+        await _hot_until(monitor, 3)
+        foreign = loop.call_later(60, lambda: None)  # a request's timeout, say
+        await _hot_while(lambda: not _beats_on_heap(loop))
+        await _hot_until(monitor, 3, heap_empty=False)  # beats go on, one pending at a time
+        foreign.cancel()
+        loop._scheduled.remove(foreign)  # gone, as when it is popped at the head
+        loop._timer_cancelled_count -= 1
+        heapq.heapify(loop._scheduled)
+        await _hot_while(lambda: _beats_on_heap(loop))  # the pending beat runs, finds the heap empty: the timerfd
+        await _hot_until(monitor, 3)
 
 
 def test_the_once_a_second_check_runs_at_the_first_wake_up_after_a_long_idle():

@@ -223,7 +223,17 @@ async def _beat_on_asyncio(beats: _Beats) -> None:
 
 
 async def _beat_by_timerfd(beats: _Beats, loop, timer) -> None:
-    fd, arm, beat = timer.fd, timer.arm, beats.beat
+    """Beats on the timerfd, or, while asyncio's scheduled heap holds timers of others, as a `call_later`
+    timer: there the loop already looks at the heap's head every iteration, so one more timer costs it
+    nothing, and the beat is not a kernel timer firing (which costs a virtual machine an exit and an
+    interrupt: a 10 ms do-nothing wake-up cost an in-memory round trip 1.0% as a timerfd reader against
+    0.2% as a `call_later` timer, measured in one run). A hot `sleep(0)` loop keeps the heap empty, and the
+    timerfd. uvloop's heap is C: the timerfd always."""
+    fd, arm, beat, interval = timer.fd, timer.arm, beats.beat, beats.interval
+    scheduled = getattr(loop, "_scheduled", None)
+    if not isinstance(scheduled, list):
+        scheduled = None
+    later = None  # the pending `call_later` beat, when the beat is on the heap
 
     def wake() -> None:
         beats.wake()
@@ -231,7 +241,9 @@ async def _beat_by_timerfd(beats: _Beats, loop, timer) -> None:
 
     waker = _waker(loop, wake) if beats.pause is not None else None
 
-    def tick() -> None:
+    def tick(from_fd: bool) -> None:
+        nonlocal later
+        later = None
         idle = False
         try:
             idle = beat() and waker is not None and not getattr(loop, "_ready", None)
@@ -241,11 +253,15 @@ async def _beat_by_timerfd(beats: _Beats, loop, timer) -> None:
                 beats.sleep()
                 if not waker.arm():  # type: ignore[union-attr]  # last: the profile waker fires on any call
                     wake()
+            elif scheduled:  # others' timers (the one that ran this beat is off the heap by now)
+                if from_fd:
+                    timer.disarm()  # the expiry read, and nothing more from the fd until it is armed again
+                later = loop.call_later(interval, tick, False)
             else:
                 arm()
 
     try:
-        loop.add_reader(fd, tick)
+        loop.add_reader(fd, tick, True)
     except NotImplementedError:  # a loop without readers (a proactor): the scheduled heap it is
         await _beat_by_callback(beats, loop)
         return
@@ -253,6 +269,8 @@ async def _beat_by_timerfd(beats: _Beats, loop, timer) -> None:
         await _park()
     finally:
         loop.remove_reader(fd)
+        if later is not None:
+            later.cancel()
         if waker is not None:
             waker.disarm()
 

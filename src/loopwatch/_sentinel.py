@@ -194,7 +194,8 @@ async def run_sentinel(
     look at its head (about 5% of an `await asyncio.sleep(0)` loop, measured). Without a timerfd, a
     `call_later` timer (a beat inside a request cost it 8 us that way, against 19 us as an `asyncio.sleep`
     task and 33 us through `anyio.sleep`, measured in place). On trio, this task waiting on a timerfd (else
-    its sleep): nothing in trio's deadline heap either. The sentinel itself waits on nothing timed."""
+    its sleep): nothing in trio's deadline heap either. The sentinel itself waits on nothing timed. While
+    asyncio's heap holds others' timers, the beat rides there (`_beat_by_timerfd`)."""
     beats = _Beats(heartbeat, clock, check, on_beat, cpu, pause)
     task_status.started()  # the baseline is set before the caller goes on: no block at start-up is lost
     try:
